@@ -1,0 +1,736 @@
+/*
+ * fold.c - the numeric core of fusion. See fold.h for the contract.
+ *
+ * Everything is computed in float64 from the stored values and rounded once,
+ * to nearest even, to the destination dtype. float16 and bfloat16 are
+ * rounded directly from float64, never through float32, so that a value is
+ * rounded exactly once.
+ *
+ * The check phase reads every weight once (finiteness, and the per-channel
+ * maximum that decides overflow), the apply phase reads and writes it once.
+ */
+#include "fold.h"
+
+#include <math.h>
+#include <string.h>
+
+/* Weights of at least this many elements are scaled by several threads when
+ * the core is built with OpenMP. */
+#ifndef FUSION_OMP_NUMEL
+#define FUSION_OMP_NUMEL (1 << 20)
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Scalars: exact loads and once-rounded stores.                             */
+
+size_t
+fusion_dtype_size(fusion_dtype dtype)
+{
+    switch (dtype) {
+        case FUSION_DTYPE_F16:
+        case FUSION_DTYPE_BF16:
+            return 2;
+        case FUSION_DTYPE_F32:
+            return 4;
+        case FUSION_DTYPE_F64:
+            return 8;
+        default:
+            return 0;
+    }
+}
+
+static double
+f16_to_double(uint16_t h)
+{
+    int exp = (h >> 10) & 0x1f;
+    int mant = h & 0x3ff;
+    double v;
+    if (exp == 0) {
+        v = ldexp((double)mant, -24);
+    }
+    else if (exp == 31) {
+        v = mant ? NAN : INFINITY;
+    }
+    else {
+        v = ldexp((double)(mant + 1024), exp - 25);
+    }
+    return (h & 0x8000) ? -v : v;
+}
+
+static double
+bf16_to_double(uint16_t h)
+{
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return (double)f;
+}
+
+double
+fusion_load(const void *src, fusion_dtype dtype)
+{
+    switch (dtype) {
+        case FUSION_DTYPE_F16: {
+            uint16_t h;
+            memcpy(&h, src, 2);
+            return f16_to_double(h);
+        }
+        case FUSION_DTYPE_BF16: {
+            uint16_t h;
+            memcpy(&h, src, 2);
+            return bf16_to_double(h);
+        }
+        case FUSION_DTYPE_F32: {
+            float f;
+            memcpy(&f, src, 4);
+            return (double)f;
+        }
+        case FUSION_DTYPE_F64: {
+            double d;
+            memcpy(&d, src, 8);
+            return d;
+        }
+        default:
+            return NAN;
+    }
+}
+
+/* Rounds finite x to nearest even in a binary format with `precision`
+ * significand bits (implicit bit included) whose smallest normal exponent is
+ * emin; values below 2^emin round on the subnormal grid. Both the division
+ * and the multiplication by the power-of-two quantum are exact here, so the
+ * only rounding is nearbyint(), which rounds half to even by default. */
+static double
+round_to_format(double x, int precision, int emin)
+{
+    if (x == 0.0) {
+        return x;
+    }
+    int e = ilogb(x);
+    if (e < emin) {
+        e = emin;
+    }
+    double quantum = ldexp(1.0, e - (precision - 1));
+    return nearbyint(x / quantum) * quantum;
+}
+
+/* The bits of an f16 value r that is already exactly representable. */
+static uint16_t
+f16_bits_exact(double r)
+{
+    uint16_t sign = signbit(r) ? 0x8000 : 0;
+    double a = fabs(r);
+    if (a == 0.0) {
+        return sign;
+    }
+    int e = ilogb(a);
+    if (e < -14) {
+        return (uint16_t)(sign | (uint16_t)(a * 16777216.0)); /* a / 2^-24 */
+    }
+    double m = ldexp(a, -e); /* in [1, 2) */
+    uint16_t mant = (uint16_t)((m - 1.0) * 1024.0);
+    return (uint16_t)(sign | (uint16_t)((e + 15) << 10) | mant);
+}
+
+static uint16_t
+double_to_f16(double x)
+{
+    return f16_bits_exact(round_to_format(x, 11, -14));
+}
+
+static uint16_t
+double_to_bf16(double x)
+{
+    /* A bfloat16 value is exactly representable as a float. */
+    float f = (float)round_to_format(x, 8, -126);
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    return (uint16_t)(bits >> 16);
+}
+
+int
+fusion_fits(double x, fusion_dtype dtype)
+{
+    if (!isfinite(x)) {
+        return 0;
+    }
+    double a = fabs(x);
+    switch (dtype) {
+        case FUSION_DTYPE_F16:
+            return a < 65520.0; /* 65504 + half an ulp rounds to inf */
+        case FUSION_DTYPE_BF16:
+            return a < 0x1.ffp+127;
+        case FUSION_DTYPE_F32:
+            return a < 0x1.ffffffp+127;
+        case FUSION_DTYPE_F64:
+            return 1;
+        default:
+            return 0;
+    }
+}
+
+void
+fusion_store(void *dst, fusion_dtype dtype, double x)
+{
+    switch (dtype) {
+        case FUSION_DTYPE_F16: {
+            uint16_t h = double_to_f16(x);
+            memcpy(dst, &h, 2);
+            break;
+        }
+        case FUSION_DTYPE_BF16: {
+            uint16_t h = double_to_bf16(x);
+            memcpy(dst, &h, 2);
+            break;
+        }
+        case FUSION_DTYPE_F32: {
+            float f = (float)x;
+            memcpy(dst, &f, 4);
+            break;
+        }
+        case FUSION_DTYPE_F64:
+            memcpy(dst, &x, 8);
+            break;
+        default:
+            break;
+    }
+}
+
+const char *
+fusion_status_str(fusion_status status)
+{
+    switch (status) {
+        case FUSION_OK:
+            return "ok";
+        case FUSION_E_ARG:
+            return "invalid argument";
+        case FUSION_E_DTYPE:
+            return "unsupported dtype";
+        case FUSION_E_SHAPE:
+            return "shape mismatch";
+        case FUSION_E_BOUNDS:
+            return "view reaches outside its storage";
+        case FUSION_E_NONFINITE:
+            return "NaN or infinite value";
+        case FUSION_E_VARIANCE:
+            return "running_var + eps is not positive";
+        case FUSION_E_OVERFLOW:
+            return "fused value overflows the dtype";
+        case FUSION_E_NOMEM:
+            return "out of memory";
+    }
+    return "unknown status";
+}
+
+/* ------------------------------------------------------------------------ */
+/* Views.                                                                    */
+
+static void
+set_where(fusion_where *where, const char *what, int64_t index, double value)
+{
+    if (where != NULL) {
+        where->what = what;
+        where->index = index;
+        where->value = value;
+    }
+}
+
+static int
+view_present(const fusion_view *v)
+{
+    return v->dtype != FUSION_DTYPE_NONE;
+}
+
+/* Checks dtype, dims and that every element lies in [lo, hi). */
+static fusion_status
+view_check(const fusion_view *v)
+{
+    if (fusion_dtype_size(v->dtype) == 0) {
+        return FUSION_E_DTYPE;
+    }
+    if (v->ndim < 0 || v->ndim > FUSION_MAX_DIMS) {
+        return FUSION_E_SHAPE;
+    }
+    int64_t numel = 1;
+    for (int d = 0; d < v->ndim; d++) {
+        if (v->sizes[d] < 0) {
+            return FUSION_E_SHAPE;
+        }
+        numel *= v->sizes[d] > 0 ? 1 : 0;
+    }
+    if (numel == 0) {
+        return FUSION_OK; /* nothing is touched */
+    }
+    if (v->data == NULL) {
+        return FUSION_E_ARG;
+    }
+    int64_t min = 0, max = 0;
+    for (int d = 0; d < v->ndim; d++) {
+        int64_t span;
+        if (__builtin_mul_overflow(v->sizes[d] - 1, v->strides[d], &span)) {
+            return FUSION_E_BOUNDS;
+        }
+        if (span > 0) {
+            if (__builtin_add_overflow(max, span, &max)) {
+                return FUSION_E_BOUNDS;
+            }
+        }
+        else if (__builtin_add_overflow(min, span, &min)) {
+            return FUSION_E_BOUNDS;
+        }
+    }
+    if (min < v->lo || max >= v->hi) {
+        return FUSION_E_BOUNDS;
+    }
+    return FUSION_OK;
+}
+
+static int64_t
+view_numel(const fusion_view *v)
+{
+    int64_t n = 1;
+    for (int d = 0; d < v->ndim; d++) {
+        n *= v->sizes[d];
+    }
+    return n;
+}
+
+/* A checked 1-D view of length n (a 0-D view is not accepted). */
+static fusion_status
+vector_check(const fusion_view *v, int64_t n)
+{
+    fusion_status st = view_check(v);
+    if (st != FUSION_OK) {
+        return st;
+    }
+    if (v->ndim != 1 || v->sizes[0] != n) {
+        return FUSION_E_SHAPE;
+    }
+    return FUSION_OK;
+}
+
+static inline char *
+elem_ptr(const fusion_view *v, int64_t offset)
+{
+    return (char *)v->data + offset * (int64_t)fusion_dtype_size(v->dtype);
+}
+
+static inline double
+vector_get(const fusion_view *v, int64_t i)
+{
+    return fusion_load(elem_ptr(v, i * v->strides[0]), v->dtype);
+}
+
+/* The dims from 2 on ("rest"), with adjacent dims merged where the layout
+ * allows and size-1 dims dropped, outermost first. */
+typedef struct {
+    int n;
+    int64_t sizes[FUSION_MAX_DIMS];
+    int64_t strides[FUSION_MAX_DIMS];
+    int64_t numel;
+} rest_dims;
+
+static void
+rest_collapse(const fusion_view *w, rest_dims *r)
+{
+    r->n = 0;
+    r->numel = 1;
+    for (int d = 2; d < w->ndim; d++) {
+        int64_t size = w->sizes[d], stride = w->strides[d];
+        r->numel *= size;
+        if (size == 1) {
+            continue;
+        }
+        if (r->n > 0 && r->strides[r->n - 1] == stride * size) {
+            r->sizes[r->n - 1] *= size;
+            r->strides[r->n - 1] = stride;
+            continue;
+        }
+        r->sizes[r->n] = size;
+        r->strides[r->n] = stride;
+        r->n++;
+    }
+    if (r->n == 0) {
+        r->sizes[0] = 1;
+        r->strides[0] = 1;
+        r->n = 1;
+    }
+}
+
+/* Runs over every innermost run of `rest` below the element offset `base`,
+ * calling the run kernel with (offset, count, stride). */
+#define FOR_EACH_RUN(r, base, OFF, COUNT, STRIDE, BODY)                      \
+    do {                                                                     \
+        int64_t idx_[FUSION_MAX_DIMS] = {0};                                 \
+        int inner_ = (r)->n - 1;                                             \
+        int64_t COUNT = (r)->sizes[inner_];                                  \
+        int64_t STRIDE = (r)->strides[inner_];                               \
+        for (;;) {                                                           \
+            int64_t OFF = (base);                                            \
+            for (int d_ = 0; d_ < inner_; d_++) {                            \
+                OFF += idx_[d_] * (r)->strides[d_];                          \
+            }                                                                \
+            BODY;                                                            \
+            int d_ = inner_ - 1;                                             \
+            while (d_ >= 0) {                                                \
+                if (++idx_[d_] < (r)->sizes[d_]) {                           \
+                    break;                                                   \
+                }                                                            \
+                idx_[d_] = 0;                                                \
+                d_--;                                                        \
+            }                                                                \
+            if (d_ < 0) {                                                    \
+                break;                                                       \
+            }                                                                \
+        }                                                                    \
+    } while (0)
+
+/* ------------------------------------------------------------------------ */
+/* Run kernels.                                                              */
+
+/* Max |w| over a run, and the position of the first non-finite value. */
+static double
+run_maxabs_sum(const fusion_view *w, int64_t off, int64_t count,
+               int64_t stride, double *sum, int64_t *bad)
+{
+    double m = 0.0, s = 0.0, c = 0.0;
+    *bad = -1;
+    for (int64_t k = 0; k < count; k++) {
+        int64_t o = off + k * stride;
+        double x = fusion_load(elem_ptr(w, o), w->dtype);
+        if (!isfinite(x)) {
+            *bad = o;
+            return NAN;
+        }
+        double a = fabs(x);
+        m = a > m ? a : m;
+        /* Neumaier summation: the bias of a fold before a layer sums
+         * products that may cancel. */
+        double t = s + x;
+        c += fabs(s) >= fabs(x) ? (s - t) + x : (x - t) + s;
+        s = t;
+    }
+    *sum = s + c;
+    return m;
+}
+
+static void
+run_scale(const fusion_view *w, int64_t off, int64_t count, int64_t stride,
+          double scale)
+{
+    switch (w->dtype) {
+        case FUSION_DTYPE_F32: {
+            float *p = (float *)w->data + off;
+            if (stride == 1) {
+                for (int64_t k = 0; k < count; k++) {
+                    p[k] = (float)((double)p[k] * scale);
+                }
+            }
+            else {
+                for (int64_t k = 0; k < count; k++) {
+                    p[k * stride] = (float)((double)p[k * stride] * scale);
+                }
+            }
+            break;
+        }
+        case FUSION_DTYPE_F64: {
+            double *p = (double *)w->data + off;
+            for (int64_t k = 0; k < count; k++) {
+                p[k * stride] *= scale;
+            }
+            break;
+        }
+        default: {
+            size_t es = fusion_dtype_size(w->dtype);
+            char *p = elem_ptr(w, off);
+            for (int64_t k = 0; k < count; k++) {
+                char *q = p + k * stride * (int64_t)es;
+                fusion_store(q, w->dtype, fusion_load(q, w->dtype) * scale);
+            }
+            break;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Folds.                                                                    */
+
+static int64_t
+channel_of(const fusion_fold *f, int64_t i0, int64_t i1, int64_t a)
+{
+    if (f->map == FUSION_AXIS0) {
+        return i0;
+    }
+    return (i0 / a) * f->weight.sizes[1] + i1;
+}
+
+static int
+fold_shape_ok(const fusion_fold *f)
+{
+    const fusion_view *w = &f->weight;
+    if (w->ndim < 2 || w->ndim > FUSION_MAX_DIMS) {
+        return 0;
+    }
+    if (f->map == FUSION_AXIS0) {
+        return f->direction == FUSION_NORM_AFTER;
+    }
+    if (f->map != FUSION_GROUPED || f->groups < 1) {
+        return 0;
+    }
+    if (f->direction != FUSION_NORM_AFTER &&
+        f->direction != FUSION_NORM_BEFORE) {
+        return 0;
+    }
+    return w->sizes[0] % f->groups == 0;
+}
+
+int64_t
+fusion_fold_channels(const fusion_fold *fold)
+{
+    if (fold == NULL || !fold_shape_ok(fold)) {
+        return 0;
+    }
+    if (fold->map == FUSION_AXIS0) {
+        return fold->weight.sizes[0];
+    }
+    return fold->groups * fold->weight.sizes[1];
+}
+
+int64_t
+fusion_fold_out_channels(const fusion_fold *fold)
+{
+    if (fold == NULL || !fold_shape_ok(fold)) {
+        return 0;
+    }
+    if (fold->direction == FUSION_NORM_BEFORE) {
+        return fold->weight.sizes[0];
+    }
+    return fusion_fold_channels(fold);
+}
+
+fusion_status
+fusion_norm_affine(const fusion_norm *norm, int64_t channels, double *scale,
+                   double *shift, fusion_where *where)
+{
+    if (norm == NULL || scale == NULL || shift == NULL || channels < 0) {
+        return FUSION_E_ARG;
+    }
+    struct {
+        const fusion_view *v;
+        const char *name;
+        int required;
+    } parts[4] = {{&norm->mean, "running_mean", 1},
+                  {&norm->var, "running_var", 1},
+                  {&norm->weight, "weight", 0},
+                  {&norm->bias, "bias", 0}};
+    for (int i = 0; i < 4; i++) {
+        if (!parts[i].required && !view_present(parts[i].v)) {
+            continue;
+        }
+        fusion_status st = vector_check(parts[i].v, channels);
+        if (st != FUSION_OK) {
+            set_where(where, parts[i].name, -1,
+                      parts[i].v->ndim >= 1 ? (double)parts[i].v->sizes[0]
+                                            : 0.0);
+            return st;
+        }
+    }
+    if (!isfinite(norm->eps)) {
+        set_where(where, "eps", -1, norm->eps);
+        return FUSION_E_NONFINITE;
+    }
+    int has_w = view_present(&norm->weight), has_b = view_present(&norm->bias);
+    for (int64_t c = 0; c < channels; c++) {
+        double mean = vector_get(&norm->mean, c);
+        double var = vector_get(&norm->var, c);
+        double gamma = has_w ? vector_get(&norm->weight, c) : 1.0;
+        double beta = has_b ? vector_get(&norm->bias, c) : 0.0;
+        const char *bad = !isfinite(mean)    ? "running_mean"
+                          : !isfinite(var)   ? "running_var"
+                          : !isfinite(gamma) ? "weight"
+                          : !isfinite(beta)  ? "bias"
+                                             : NULL;
+        if (bad != NULL) {
+            set_where(where, bad, c,
+                      bad[0] == 'r' ? (bad[8] == 'm' ? mean : var)
+                                    : (bad[0] == 'w' ? gamma : beta));
+            return FUSION_E_NONFINITE;
+        }
+        double denom = var + norm->eps;
+        if (!(denom > 0.0)) {
+            set_where(where, "running_var", c, var);
+            return FUSION_E_VARIANCE;
+        }
+        double s = gamma / sqrt(denom);
+        double t = fma(-mean, s, beta);
+        if (!isfinite(s) || !isfinite(t)) {
+            set_where(where, "scale", c, s);
+            return FUSION_E_OVERFLOW;
+        }
+        scale[c] = s;
+        shift[c] = t;
+    }
+    return FUSION_OK;
+}
+
+/* The factor applied to weight element (i0, i1, ...). */
+static inline double
+elem_scale(const fusion_fold *f, int64_t i0, int64_t i1, int64_t a)
+{
+    double s = f->scale[channel_of(f, i0, i1, a)];
+    return f->post != NULL ? s * f->post_scale[i0] : s;
+}
+
+fusion_status
+fusion_fold_check(const fusion_fold *fold, double *new_bias,
+                  fusion_where *where)
+{
+    if (fold == NULL || new_bias == NULL || fold->norm == NULL ||
+        fold->scale == NULL || fold->shift == NULL) {
+        return FUSION_E_ARG;
+    }
+    set_where(where, "weight", -1, 0.0);
+    if (!fold_shape_ok(fold)) {
+        return fold->weight.ndim < 2 ? FUSION_E_SHAPE : FUSION_E_ARG;
+    }
+    int before = fold->direction == FUSION_NORM_BEFORE;
+    if (fold->post != NULL &&
+        (!before || fold->post_scale == NULL || fold->post_shift == NULL)) {
+        return FUSION_E_ARG;
+    }
+    const fusion_view *w = &fold->weight;
+    fusion_status st = view_check(w);
+    if (st != FUSION_OK) {
+        return st;
+    }
+    int64_t d_out = fusion_fold_out_channels(fold);
+    int has_bias = view_present(&fold->bias_in);
+    if (has_bias) {
+        st = vector_check(&fold->bias_in, d_out);
+        if (st != FUSION_OK) {
+            set_where(where, "bias", -1, 0.0);
+            return st;
+        }
+    }
+    st = vector_check(&fold->bias_out, d_out);
+    if (st != FUSION_OK) {
+        set_where(where, "bias", -1, 0.0);
+        return st;
+    }
+
+    int64_t d0 = w->sizes[0], d1 = w->sizes[1];
+    int64_t a = fold->map == FUSION_GROUPED ? d0 / fold->groups : 1;
+    rest_dims r;
+    rest_collapse(w, &r);
+    if (view_numel(w) == 0) {
+        d0 = 0; /* nothing to read */
+    }
+    for (int64_t o = 0; o < d_out; o++) {
+        new_bias[o] = 0.0;
+    }
+    for (int64_t i0 = 0; i0 < d0; i0++) {
+        double acc = 0.0, acc_c = 0.0; /* Neumaier sum of the bias update */
+        for (int64_t i1 = 0; i1 < d1; i1++) {
+            int64_t ch = channel_of(fold, i0, i1, a);
+            int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
+            double m = 0.0, row = 0.0;
+            int64_t bad = -1;
+            FOR_EACH_RUN(&r, base, off, count, stride, {
+                double sum = 0.0;
+                double mm = run_maxabs_sum(w, off, count, stride, &sum, &bad);
+                if (bad >= 0) {
+                    break;
+                }
+                m = mm > m ? mm : m;
+                row += sum;
+            });
+            if (bad >= 0) {
+                set_where(where, "weight", bad,
+                          fusion_load(elem_ptr(w, bad), w->dtype));
+                return FUSION_E_NONFINITE;
+            }
+            /* Rounding is monotonic, so the largest magnitude decides. */
+            double largest = m * fabs(elem_scale(fold, i0, i1, a));
+            if (!fusion_fits(largest, w->dtype)) {
+                set_where(where, "weight", base, largest);
+                return FUSION_E_OVERFLOW;
+            }
+            if (before) {
+                double x = row * fold->shift[ch];
+                double t = acc + x;
+                acc_c += fabs(acc) >= fabs(x) ? (acc - t) + x : (x - t) + acc;
+                acc = t;
+            }
+        }
+        if (before) {
+            new_bias[i0] = acc + acc_c;
+        }
+    }
+    const fusion_norm *norm = fold->norm;
+    for (int64_t o = 0; o < d_out; o++) {
+        double b = has_bias ? vector_get(&fold->bias_in, o) : 0.0;
+        if (!isfinite(b)) {
+            set_where(where, "bias", o, b);
+            return FUSION_E_NONFINITE;
+        }
+        double v;
+        if (before) {
+            v = b + new_bias[o];
+            if (fold->post != NULL) {
+                double beta = view_present(&fold->post->bias)
+                                  ? vector_get(&fold->post->bias, o)
+                                  : 0.0;
+                double mean = vector_get(&fold->post->mean, o);
+                v = fma(v - mean, fold->post_scale[o], beta);
+            }
+        }
+        else if (has_bias) {
+            /* (b - mean) * s + beta: b - mean is exact in float64 for two
+             * values of one narrower format with close exponents, which is
+             * where a bias and a running mean cancel. */
+            double beta = view_present(&norm->bias)
+                              ? vector_get(&norm->bias, o)
+                              : 0.0;
+            v = fma(b - vector_get(&norm->mean, o), fold->scale[o], beta);
+        }
+        else {
+            v = fold->shift[o];
+        }
+        if (!fusion_fits(v, fold->bias_out.dtype)) {
+            set_where(where, "bias", o, v);
+            return FUSION_E_OVERFLOW;
+        }
+        new_bias[o] = v;
+    }
+    return FUSION_OK;
+}
+
+void
+fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
+{
+    const fusion_view *w = &fold->weight;
+    int64_t d0 = w->sizes[0], d1 = w->sizes[1];
+    int64_t a = fold->map == FUSION_GROUPED ? d0 / fold->groups : 1;
+    rest_dims r;
+    rest_collapse(w, &r);
+    int64_t numel = view_numel(w);
+    if (numel == 0) {
+        d0 = 0;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (numel >= FUSION_OMP_NUMEL)
+#endif
+    for (int64_t i0 = 0; i0 < d0; i0++) {
+        for (int64_t i1 = 0; i1 < d1; i1++) {
+            double s = elem_scale(fold, i0, i1, a);
+            int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
+            FOR_EACH_RUN(&r, base, off, count, stride,
+                         run_scale(w, off, count, stride, s));
+        }
+    }
+    int64_t d_out = fusion_fold_out_channels(fold);
+    const fusion_view *b = &fold->bias_out;
+    for (int64_t o = 0; o < d_out; o++) {
+        fusion_store(elem_ptr(b, o * b->strides[0]), b->dtype, new_bias[o]);
+    }
+}

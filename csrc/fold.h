@@ -1,0 +1,178 @@
+/*
+ * fold.h - the numeric core of fusion: folding a normalisation layer's affine
+ * map into the weight and bias of the layer that feeds it (or that it feeds).
+ *
+ * This is plain C11 on plain buffers. It knows nothing of Python or torch.
+ * Every fused value is computed in float64 and rounded once, to nearest even,
+ * into the destination dtype.
+ *
+ * The work is split in two phases so that a caller can be transactional:
+ *
+ *   fusion_norm_affine()  per-channel scale s = gamma / sqrt(var + eps) and
+ *                         shift t = beta - mean * s, checked for finiteness.
+ *   fusion_fold_check()   validates shapes, strides and bounds of every view,
+ *                         checks that every input is finite and that every
+ *                         fused value fits the destination dtype, and computes
+ *                         the new bias into a caller-provided float64 buffer.
+ *                         It writes no tensor.
+ *   fusion_fold_apply()   writes the fused weight in place and the new bias.
+ *                         It has no failure path: call it only after a
+ *                         successful fusion_fold_check() on the same arguments.
+ *
+ * Shapes. A producer weight is viewed as [d0, d1, rest...]. Each element
+ * (i0, i1, ...) belongs to one channel of the norm:
+ *
+ *   FUSION_AXIS0:   c = i0                      (Conv/Linear, norm after)
+ *   FUSION_GROUPED: c = (i0 / a) * b + i1       (a = d0 / groups, b = d1)
+ *
+ * FUSION_GROUPED covers ConvTranspose with the norm after it (the weight is
+ * [C_in, C_out/G, k...], a = C_in/G, b = C_out/G) and Conv/Linear with the
+ * norm before it (the weight is [C_out, C_in/G, k...], a = C_out/G,
+ * b = C_in/G).
+ *
+ * Strides are in elements and may be negative or zero only where the size is
+ * one. Each view carries the element range [lo, hi) of its storage that it may
+ * touch, relative to its data pointer; a view reaching outside is rejected.
+ */
+#ifndef FUSION_FOLD_H
+#define FUSION_FOLD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FUSION_MAX_DIMS 8
+
+typedef enum {
+    FUSION_DTYPE_NONE = 0, /* an absent optional view */
+    FUSION_DTYPE_F16 = 1,
+    FUSION_DTYPE_BF16 = 2,
+    FUSION_DTYPE_F32 = 3,
+    FUSION_DTYPE_F64 = 4
+} fusion_dtype;
+
+typedef enum {
+    FUSION_OK = 0,
+    FUSION_E_ARG = 1,       /* a null pointer, bad enum, or bad groups */
+    FUSION_E_DTYPE = 2,     /* dtype unsupported or absent where required */
+    FUSION_E_SHAPE = 3,     /* sizes disagree with each other */
+    FUSION_E_BOUNDS = 4,    /* a view reaches outside its storage */
+    FUSION_E_NONFINITE = 5, /* an input value is NaN or infinite */
+    FUSION_E_VARIANCE = 6,  /* running_var + eps <= 0 */
+    FUSION_E_OVERFLOW = 7,  /* a fused value does not fit the dtype */
+    FUSION_E_NOMEM = 8
+} fusion_status;
+
+/* A strided view of a tensor. data points at element (0, ..., 0). */
+typedef struct {
+    void *data;
+    fusion_dtype dtype;
+    int ndim;
+    int64_t sizes[FUSION_MAX_DIMS];
+    int64_t strides[FUSION_MAX_DIMS];
+    int64_t lo, hi; /* allowed element offsets from data: [lo, hi) */
+} fusion_view;
+
+/* The statistics and affine parameters of a norm with C channels.
+ * mean and var are required; weight (gamma) and bias (beta) are optional
+ * (dtype FUSION_DTYPE_NONE means 1 and 0). */
+typedef struct {
+    fusion_view mean, var, weight, bias;
+    double eps;
+} fusion_norm;
+
+typedef enum {
+    FUSION_AXIS0 = 0,
+    FUSION_GROUPED = 1
+} fusion_channel_map;
+
+typedef enum {
+    FUSION_NORM_AFTER = 0,  /* W' = W * s, b' = (b - mean) * s + beta */
+    FUSION_NORM_BEFORE = 1  /* W' = W * s, b' = b + sum W * t */
+} fusion_direction;
+
+/* One fold. weight is written in place. bias_in is optional (absent means a
+ * zero bias). bias_out is written; it has d_out elements and may be the same
+ * view as bias_in.
+ *
+ * norm is folded along the channel map, with scale and shift (C doubles
+ * each) computed by fusion_norm_affine(norm). With FUSION_NORM_BEFORE a
+ * second norm, post, may follow the layer; it is folded along axis 0 in the
+ * same pass, so that each value is still rounded once:
+ *
+ *   W'[i0, i1, ...] = W[i0, i1, ...] * scale[c] * post_scale[i0]
+ *   b'[o] = ((b[o] + sum W[o, ...] * shift[c]) - post_mean[o])
+ *           * post_scale[o] + post_bias[o]
+ *
+ * post is NULL when absent. */
+typedef struct {
+    fusion_view weight;
+    fusion_view bias_in;
+    fusion_view bias_out;
+    fusion_direction direction;
+    fusion_channel_map map;
+    int64_t groups; /* used by FUSION_GROUPED, >= 1 */
+    const fusion_norm *norm;
+    const double *scale, *shift;
+    const fusion_norm *post;
+    const double *post_scale, *post_shift;
+} fusion_fold;
+
+/* Where a check failed: the view ("weight", "running_var", ...) and the flat
+ * element index in it, or -1. Filled by the functions below on failure. */
+typedef struct {
+    const char *what;
+    int64_t index;
+    double value;
+} fusion_where;
+
+/* Number of norm channels a fold needs (C), and output channels (d_out).
+ * Return 0 if the weight's shape does not allow the fold. */
+int64_t fusion_fold_channels(const fusion_fold *fold);
+int64_t fusion_fold_out_channels(const fusion_fold *fold);
+
+/* Computes scale[c] and shift[c] for c in [0, C) in float64:
+ *   scale = weight / sqrt(running_var + eps), shift = bias - mean * scale.
+ * Fails with FUSION_E_SHAPE if a view is not 1-D of length C,
+ * FUSION_E_NONFINITE for a NaN or infinite statistic, FUSION_E_VARIANCE when
+ * var + eps <= 0, FUSION_E_OVERFLOW when a scale or shift is not finite. */
+fusion_status fusion_norm_affine(const fusion_norm *norm, int64_t channels,
+                                 double *scale, double *shift,
+                                 fusion_where *where);
+
+/* Checks a fold and computes the new bias, d_out doubles, into new_bias.
+ * Writes no view. Fails with FUSION_E_ARG for a missing norm or scale,
+ * FUSION_E_SHAPE / FUSION_E_BOUNDS / FUSION_E_DTYPE for a bad view,
+ * FUSION_E_NONFINITE for a NaN or infinite weight or bias, and
+ * FUSION_E_OVERFLOW when a fused weight or bias would not fit its dtype. */
+fusion_status fusion_fold_check(const fusion_fold *fold, double *new_bias,
+                                fusion_where *where);
+
+/* Writes the fold. Precondition: fusion_fold_check() returned FUSION_OK for
+ * the same fold, and new_bias is what it computed. Has no failure path. */
+void fusion_fold_apply(const fusion_fold *fold, const double *new_bias);
+
+/* Rounds x once, to nearest even, to dtype and stores it at dst.
+ * x must be finite and fit the dtype (see fusion_fits). */
+void fusion_store(void *dst, fusion_dtype dtype, double x);
+
+/* Loads one element of dtype at src, exactly, as a double. */
+double fusion_load(const void *src, fusion_dtype dtype);
+
+/* True when x rounded to dtype is finite. */
+int fusion_fits(double x, fusion_dtype dtype);
+
+/* Size in bytes of one element, or 0. */
+size_t fusion_dtype_size(fusion_dtype dtype);
+
+/* A short English message for a status code. */
+const char *fusion_status_str(fusion_status status);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FUSION_FOLD_H */

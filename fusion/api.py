@@ -1,0 +1,353 @@
+"""The public entry points: fuse, analyze, fuse_conv_and_bn, apply_plan."""
+import copy
+import json
+import logging
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from . import rewrite
+from .discover import alias_names, flow_from_fx, flow_from_run, flow_from_sequentials
+from .errors import FusionError
+from .layers import layer_kind, norm_adapter
+from .plan import Fold, Left, make_plan
+from .report import FusedPair, FusionReport, LeftNorm
+from .verify import run_model, verify_fused
+
+__all__ = ["fuse", "analyze", "fuse_conv_and_bn", "apply_plan"]
+
+log = logging.getLogger("fusion")
+
+PLAN_VERSION = 1
+
+
+def _check_model(model, name="model"):
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{name} must be a torch.nn.Module, got {type(model).__name__}"
+            + (" (pass one module, not a list)" if isinstance(model, (list, tuple)) else ""))
+
+
+def _as_args(example_inputs):
+    """A tuple is the positional arguments; anything else is the one argument."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    return (example_inputs,)
+
+
+def _training_flags(model) -> Dict[nn.Module, bool]:
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_training(flags):
+    for m, t in flags.items():
+        m.training = t
+
+
+def _discover(target, args):
+    """The flows that prove folds, and the model's output on ``args`` if given."""
+    flows, output, fx_error = [], None, None
+    try:
+        flows.append(flow_from_fx(target))
+    except Exception as exc:  # any model that fx cannot trace
+        fx_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if args is not None:
+        try:
+            flow, output = run_model(target, args, flow_from_run)
+        except FusionError:
+            raise
+        except Exception as exc:
+            raise FusionError(
+                f"the forward on example_inputs raised {type(exc).__name__}: {exc}. "
+                f"Pass inputs the model accepts (a tuple is taken as positional "
+                f"arguments).", None, "example_inputs") from exc
+        flows.append(flow)
+    if not flows:
+        flow = flow_from_sequentials(target)
+        flow.note = fx_error
+        flows.append(flow)
+    return flows, output, fx_error
+
+
+def _plan_dict(folds: List[Fold], replaced: List[str]) -> Dict:
+    return {
+        "version": PLAN_VERSION,
+        "folds": [{"layer": f.layer, "after": f.after, "before": f.before,
+                   "bias_added": f.bias_added, "untie": f.untie} for f in folds],
+        "replaced": list(replaced),
+    }
+
+
+def _build_report(model, plan, prepared, left_overflow, dry_run) -> FusionReport:
+    report = FusionReport(dry_run=dry_run, evidence=list(plan.evidence),
+                          notes=list(plan.notes))
+    folds = [p.fold for p in prepared]
+    for fold in folds:
+        for norm, direction in ((fold.before, "before"), (fold.after, "after")):
+            if norm is not None:
+                report.fused.append(FusedPair(norm, fold.layer, direction, fold.evidence,
+                                              fold.bias_added, fold.untie))
+        layer = model.get_submodule(fold.layer)
+        if fold.bias_added:
+            report.added_parameters[f"{fold.layer}.bias"] = layer.out_channels \
+                if hasattr(layer, "out_channels") else layer.out_features
+        if fold.untie:
+            report.added_parameters[f"{fold.layer}.weight"] = layer.weight.numel()
+    seen = set()
+    for p in prepared:
+        for name, norm in p.norms.items():
+            if id(norm) in seen:
+                continue
+            seen.add(id(norm))
+            for n, t in norm.named_parameters(recurse=False):
+                report.removed_parameters[f"{name}.{n}"] = t.numel()
+            for n, t in norm.named_buffers(recurse=False):
+                if t is not None:
+                    report.removed_buffers[f"{name}.{n}"] = t.numel()
+    report.left = [LeftNorm(x.norm, x.reason, x.detail) for x in plan.left + left_overflow]
+    aliases = alias_names(model)
+    replaced = []
+    for p in prepared:
+        for norm in p.norms.values():
+            for n in aliases.get(id(norm), ()):
+                if n not in replaced:
+                    replaced.append(n)
+    report.plan = _plan_dict(folds, replaced)
+    return report
+
+
+def _run_pipeline(target, args, dry_run):
+    flows, output, fx_error = _discover(target, args)
+    plan = make_plan(target, flows)
+    if fx_error and args is not None:
+        plan.notes.append(f"torch.fx could not trace the model ({fx_error}); the "
+                          f"recorded run on example_inputs is the evidence")
+    prepared, left_overflow = rewrite.prepare(target, plan.folds)
+    report = _build_report(target, plan, prepared, left_overflow, dry_run)
+    return prepared, report, output
+
+
+def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
+         strict=False, return_report=False):
+    """Fold every provably foldable norm of ``model`` into the layer it meets.
+
+    The result is the same class, with the same attributes and forward; each
+    folded layer holds the fused weight and bias (a bias Parameter is added where
+    it had none) and each folded norm becomes ``nn.Identity``. Fused values are
+    computed in float64 and rounded once. The result is in eval mode.
+
+    Args:
+        model: the ``nn.Module`` to fuse.
+        inplace: fold into ``model`` itself, writing the fused weights into their
+            existing storage. Otherwise ``model`` is left bit-for-bit unchanged
+            and a fused copy is returned.
+        example_inputs: inputs for one recorded forward run, which proves folds
+            in models torch.fx cannot trace. A tuple is the positional arguments;
+            anything else (a tensor, a list of images) is the one argument.
+        verify: compare the outputs of the original and the fused model on
+            ``example_inputs``. Defaults to on when example inputs are given.
+        rtol: the tolerance on the relative output error; by default it is
+            calibrated for the model (see the README).
+        strict: raise ``FusionError`` if any norm module is left unfused.
+        return_report: return ``(model, FusionReport)`` instead of the model.
+
+    Returns:
+        The fused model, or ``(model, report)`` with ``return_report=True``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        FusionError: bad input, named by layer; or verification failed, or
+            ``strict`` found norms left. The model is left as it was.
+    """
+    _check_model(model)
+    args = _as_args(example_inputs)
+    if verify is None:
+        verify = args is not None
+    if verify and args is None:
+        raise FusionError("verify=True needs example_inputs to run the model on.",
+                          None, "verify")
+    if rtol is not None and not (float(rtol) > 0):
+        raise FusionError(f"rtol must be a positive number, got {rtol!r}.", None, "rtol")
+    was_training = any(m.training for m in model.modules())
+    flags = _training_flags(model)
+    if inplace:
+        target = model
+    else:
+        try:
+            target = copy.deepcopy(model)
+        except Exception as exc:
+            raise FusionError(
+                f"the model cannot be copied ({type(exc).__name__}: {exc}); pass "
+                f"inplace=True to fuse it in place.", None, "copy") from exc
+    target.eval()
+    try:
+        prepared, report, reference = _run_pipeline(target, args, dry_run=False)
+        if strict and report.left:
+            listing = "; ".join(f"{n.norm} ({n.reason})" for n in report.left)
+            raise FusionError(
+                f"strict=True and {len(report.left)} norm(s) would be left unfused: "
+                f"{listing}. Pass example_inputs, or strict=False to accept.",
+                report.left[0].norm, "strict")
+        saved = rewrite.backup(prepared) if verify and inplace else None
+        replaced = rewrite.write(target, prepared)
+    except BaseException:
+        if inplace:
+            _restore_training(flags)
+        raise
+    if was_training:
+        report.notes.append("the model was in training mode; it was fused with "
+                            "eval-mode semantics (running statistics) and the result "
+                            "is in eval mode")
+    if verify:
+        if inplace:
+            originals = {layer_name: (w, b) for (layer_name, (_, _, w, _, b)) in
+                         zip((p.fold.layer for p in prepared), saved)}
+        else:
+            originals = {p.fold.layer: (model.get_submodule(p.fold.layer).weight,
+                                        model.get_submodule(p.fold.layer).bias)
+                         for p in prepared}
+        try:
+            verify_fused(target, args, reference, prepared, report, rtol, originals)
+        except FusionError:
+            if inplace:
+                rewrite.undo(target, saved, replaced)
+                _restore_training(flags)
+            raise
+    if not report.fused and not report.left:
+        report.notes.append("nothing to do: the model has no norm modules left to fuse")
+    log.info("BatchNorm fusion completed. %d parameters were reduced after fusion.",
+             report.parameters_reduced)
+    return (target, report) if return_report else target
+
+
+def analyze(model, *, example_inputs=None):
+    """A dry run of :func:`fuse`: the report of what it would do. Changes nothing.
+
+    Args:
+        model: the ``nn.Module`` to analyze.
+        example_inputs: as for :func:`fuse`.
+
+    Returns:
+        A :class:`FusionReport` with ``dry_run=True``.
+    """
+    _check_model(model)
+    args = _as_args(example_inputs)
+    flags = _training_flags(model)
+    try:
+        model.eval()
+        _, report, _ = _run_pipeline(model, args, dry_run=True)
+    finally:
+        _restore_training(flags)
+    if not report.fused and not report.left:
+        report.notes.append("nothing to do: the model has no norm modules left to fuse")
+    return report
+
+
+def fuse_conv_and_bn(conv, bn):
+    """Fold one norm into the layer before it, and return a new fused layer.
+
+    Unlike :func:`fuse`, this trusts the caller that ``bn`` is applied directly to
+    the output of ``conv``. The inputs are not modified.
+
+    Args:
+        conv: ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear``.
+        bn: ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, ``FrozenBatchNorm2d``
+            or a registered norm, with running statistics.
+
+    Returns:
+        A new layer of the same class as ``conv``, with the fused weight and bias.
+    """
+    _check_model(conv, "conv")
+    _check_model(bn, "bn")
+    if layer_kind(conv) is None:
+        raise TypeError(f"conv must be a Conv, ConvTranspose or Linear module, got "
+                        f"{type(conv).__name__}")
+    if norm_adapter(bn) is None:
+        raise TypeError(f"bn must be a BatchNorm-like norm, got {type(bn).__name__} "
+                        f"(register its class with fusion.register_norm)")
+    if getattr(bn, "running_mean", None) is None:
+        raise FusionError("bn: has no running statistics (track_running_stats=False); "
+                          "it normalises with batch statistics and cannot be folded.",
+                          "bn", "batch_statistics")
+    holder = nn.Sequential()
+    holder.add_module("conv", copy.deepcopy(conv))
+    holder.add_module("bn", bn)
+    from .plan import _check_pair  # noqa: the one place a pair is taken on trust
+    _check_pair("conv", holder.conv, "bn", bn, "after")
+    fold = Fold("conv", after="bn", evidence="caller", bias_added=conv.bias is None)
+    prepared, left = rewrite.prepare(holder, [fold])
+    if left:
+        raise FusionError(f"conv: {left[0].detail}", "conv", "overflow")
+    for p in prepared:
+        p.norms.clear()  # the caller's bn stays where it is
+    rewrite.write(holder, prepared)
+    fused = holder.conv
+    fused.train(conv.training)
+    return fused
+
+
+def apply_plan(model, plan):
+    """Give a freshly built model the fused structure, computing nothing.
+
+    Adds the biases that fusion added and replaces the folded norms by
+    ``nn.Identity``, so that ``load_state_dict`` of saved fused weights then gives
+    the fused model. Works whatever evidence the plan came from.
+
+    Args:
+        model: an unfused model of the same architecture.
+        plan: ``report.plan`` of the fusion, a :class:`FusionReport`, or its JSON.
+
+    Returns:
+        ``model``, changed in place and in eval mode.
+    """
+    _check_model(model)
+    if isinstance(plan, FusionReport):
+        plan = plan.plan
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    if not isinstance(plan, dict) or "folds" not in plan:
+        raise TypeError("plan must be a FusionReport, report.plan, or its JSON")
+    if plan.get("version") != PLAN_VERSION:
+        raise FusionError(f"plan version {plan.get('version')} is not supported "
+                          f"(expected {PLAN_VERSION}).", None, "plan")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for entry in plan["folds"]:
+        name = entry["layer"]
+        layer = modules.get(name)
+        if layer is None or layer_kind(layer) is None:
+            raise FusionError(f"{name}: the plan folds into this layer, but the model "
+                              f"has no Conv/Linear there; build the same architecture "
+                              f"the plan came from.", name, "plan")
+        for norm in (entry.get("after"), entry.get("before")):
+            if norm is not None and norm not in modules:
+                raise FusionError(f"{norm}: the plan folds this norm, but the model has "
+                                  f"no module there.", norm, "plan")
+    for name in plan["replaced"]:
+        if name not in modules:
+            raise FusionError(f"{name}: the plan replaces this module, but the model has "
+                              f"none there.", name, "plan")
+    with torch.no_grad():
+        for entry in plan["folds"]:
+            layer = modules[entry["layer"]]
+            if entry.get("untie"):
+                layer.weight = nn.Parameter(layer.weight.detach().clone(),
+                                            layer.weight.requires_grad)
+                if layer.bias is not None:
+                    layer.bias = nn.Parameter(layer.bias.detach().clone(),
+                                              layer.bias.requires_grad)
+            if layer.bias is None:
+                w = layer.weight
+                n = layer.out_channels if hasattr(layer, "out_channels") else \
+                    layer.out_features
+                layer.bias = nn.Parameter(torch.zeros(n, dtype=w.dtype, device=w.device),
+                                          w.requires_grad)
+    identities = {}
+    for name in plan["replaced"]:
+        norm = modules[name]
+        ident = identities.setdefault(id(norm), nn.Identity())
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, ident)
+    return model.eval()

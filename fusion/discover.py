@@ -1,0 +1,275 @@
+"""Evidence of the model's data flow, from which folds are proven.
+
+Three sources, from strongest to weakest:
+
+* ``fx``: a torch.fx symbolic trace. Input independent, but not every model
+  traces.
+* ``recorded``: one forward run on the user's example inputs, watched by
+  module hooks (who called whom with which tensor) and a TorchDispatchMode
+  (every aten op that reads each tensor, indexing and in-place ops included).
+  Works on any model; covers the control flow these inputs take.
+* ``sequential``: with neither, adjacency inside a plain ``nn.Sequential``,
+  whose forward passes each child's output to the next child alone.
+
+Each source yields a :class:`Flow`: for every call of every layer and norm,
+which call produced its sole input, and who else used its output.
+"""
+import threading
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Set
+
+import torch
+from torch import fx, nn
+
+from .layers import is_norm_module
+
+__all__ = []
+
+OTHER = "other"  # a use of a tensor by anything but the next layer or norm
+
+
+def _is_layer_like(module) -> bool:
+    return isinstance(
+        module,
+        (nn.Linear, nn.modules.conv._ConvNd),
+    )
+
+
+def is_interesting(module) -> bool:
+    """Modules whose calls a flow tracks: norms, and layers a norm might fold into."""
+    return is_norm_module(module) or _is_layer_like(module)
+
+
+@dataclass(eq=False)
+class Call:
+    """One call of a tracked module."""
+
+    name: str
+    src: Optional["Call"] = None  # the call whose output is exactly our sole input
+    users: List[object] = field(default_factory=list)  # Calls, or OTHER
+    in_ndim: Optional[int] = None
+
+
+@dataclass
+class Flow:
+    source: str  # "fx", "recorded" or "sequential"
+    calls: Dict[str, List[Call]] = field(default_factory=dict)
+    escaped: Set[str] = field(default_factory=set)  # params used outside own call
+    placed: Set[str] = field(default_factory=set)  # sequential: input is a sibling's
+    note: Optional[str] = None
+
+    def add(self, call: Call) -> Call:
+        self.calls.setdefault(call.name, []).append(call)
+        return call
+
+    def count(self, name: str) -> int:
+        return len(self.calls.get(name, ()))
+
+
+def canonical_names(model) -> Dict[int, str]:
+    """id(module) -> the first qualified name under which it is reachable."""
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def alias_names(model) -> Dict[int, List[str]]:
+    """id(module) -> every qualified name under which it is reachable."""
+    out: Dict[int, List[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(name)
+    return out
+
+
+# --- torch.fx ------------------------------------------------------------------
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps tracked modules as single call_module nodes (FrozenBatchNorm2d and
+    registered norms would otherwise be traced through)."""
+
+    def is_leaf_module(self, m, qualname):
+        return is_interesting(m) or super().is_leaf_module(m, qualname)
+
+
+def flow_from_fx(model) -> Flow:
+    """Traces ``model`` with torch.fx. Raises whatever tracing raises."""
+    graph = _LeafTracer().trace(model)
+    names = canonical_names(model)
+    flow = Flow("fx")
+    by_node: Dict[fx.Node, Call] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            module = model.get_submodule(node.target)
+            if not is_interesting(module):
+                continue
+            call = flow.add(Call(names[id(module)]))
+            by_node[node] = call
+            if len(node.args) == 1 and not node.kwargs:
+                src = by_node.get(node.args[0])
+                if src is not None:
+                    call.src = src
+        elif node.op == "get_attr":
+            owner = node.target.rpartition(".")[0]
+            try:
+                module = model.get_submodule(owner)
+            except AttributeError:
+                continue
+            if is_interesting(module):
+                flow.escaped.add(names[id(module)])
+    for node, call in by_node.items():
+        for user in node.users:
+            consumer = by_node.get(user)
+            if consumer is not None and consumer.src is call:
+                call.users.append(consumer)
+            else:
+                call.users.append(OTHER)
+    return flow
+
+
+# --- A recorded run ----------------------------------------------------------
+
+
+def _tensors(obj, depth=0):
+    """Every tensor inside nested containers and plain objects."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 6 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, depth + 1)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            yield from _tensors(v, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        for v in vars(obj).values():
+            yield from _tensors(v, depth + 1)
+
+
+class _Recorder:
+    def __init__(self, model):
+        self.names = canonical_names(model)
+        self.flow = Flow("recorded")
+        self.stack: List[Call] = []
+        self.origin: Dict[int, tuple] = {}  # id(tensor) -> (Call, tensor)
+        self.owners: Dict[int, Set[str]] = {}  # id(param or buffer) -> module names
+        self.thread = threading.get_ident()
+        self.value_reads = 0
+        for m in model.modules():
+            if is_interesting(m):
+                name = self.names[id(m)]
+                for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                    self.owners.setdefault(id(t), set()).add(name)
+
+    def pre_hook(self, module, args):
+        call = Call(self.names[id(module)])
+        self.flow.add(call)
+        if len(args) == 1 and isinstance(args[0], torch.Tensor):
+            x = args[0]
+            call.in_ndim = x.dim()
+            found = self.origin.get(id(x))
+            if found is not None and found[1] is x:
+                call.src = found[0]
+                found[0].users.append(call)
+        self.stack.append(call)
+
+    def post_hook(self, module, args, output):
+        call = self.stack.pop()
+        if isinstance(output, torch.Tensor):
+            self.origin[id(output)] = (call, output)
+
+    def on_op(self, func, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return
+        top = self.stack[-1] if self.stack else None
+        if func in _VALUE_READS:
+            self.value_reads += 1
+        for t in _tensors((args, kwargs)):
+            found = self.origin.get(id(t))
+            if found is not None and found[1] is t:
+                call = found[0]
+                if top is None or not any(u is top for u in call.users):
+                    call.users.append(OTHER)
+            owners = self.owners.get(id(t))
+            if owners is not None and (top is None or top.name not in owners):
+                self.flow.escaped.update(owners)
+
+    def finish(self, output):
+        for t in _tensors(output):
+            found = self.origin.get(id(t))
+            if found is not None and found[1] is t:
+                found[0].users.append(OTHER)
+
+
+_VALUE_READS = {
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.is_nonzero.default,
+}
+
+
+def flow_from_run(model, example_inputs):
+    """Runs ``model(*example_inputs)`` once under a recorder.
+
+    Returns ``(flow, output)``. The model must already be in the mode to record
+    (eval); the run is under ``torch.no_grad()``.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    rec = _Recorder(model)
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            rec.on_op(func, args, kwargs or {})
+            return func(*args, **(kwargs or {}))
+
+    handles = []
+    try:
+        for m in model.modules():
+            if is_interesting(m):
+                handles.append(m.register_forward_pre_hook(rec.pre_hook))
+                handles.append(m.register_forward_hook(rec.post_hook))
+        with torch.no_grad(), _Mode():
+            output = model(*example_inputs)
+        rec.finish(output)
+    finally:
+        for h in handles:
+            h.remove()
+    if rec.value_reads:
+        rec.flow.note = (
+            f"the forward read tensor values into Python {rec.value_reads} times "
+            f"(e.g. `if x.sum() > 0`); folds found by the recorded run hold for the "
+            f"control flow these example inputs take"
+        )
+    return rec.flow, output
+
+
+# --- nn.Sequential adjacency ---------------------------------------------------
+
+
+def flow_from_sequentials(model) -> Flow:
+    """Pairs of adjacent children inside plain ``nn.Sequential`` containers.
+
+    Each module gets one call per name it is reachable under, so that a module
+    reachable twice (and so possibly called twice) is never proven."""
+    names = canonical_names(model)
+    aliases = alias_names(model)
+    flow = Flow("sequential")
+    pending: Dict[str, Call] = {}
+    for m in model.modules():
+        if not (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward):
+            continue
+        children = [c for c in m._modules.values() if c is not None]
+        for a, b in zip(children, children[1:]):
+            flow.placed.add(names[id(b)])
+            if not (is_interesting(a) and is_interesting(b)):
+                continue
+            ca = pending.get(names[id(a)]) or flow.add(Call(names[id(a)]))
+            cb = pending.get(names[id(b)]) or flow.add(Call(names[id(b)]))
+            pending[ca.name], pending[cb.name] = ca, cb
+            cb.src = ca
+            ca.users.append(cb)
+    for m in model.modules():
+        name = names[id(m)]
+        if name in pending:
+            for _ in aliases[id(m)][1:]:
+                flow.add(Call(name, users=[OTHER]))
+    return flow

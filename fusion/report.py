@@ -1,0 +1,150 @@
+"""FusionReport: what was fused, what was left and why, and what was removed."""
+import html
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+__all__ = ["FusionReport", "FusedPair", "LeftNorm", "SCHEMA_VERSION"]
+
+#: Version of the dict/JSON schema; bumped on any incompatible change.
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class FusedPair:
+    """A norm folded into a layer. ``direction`` is ``"after"`` when the norm
+    follows the layer and ``"before"`` when it feeds it."""
+
+    norm: str
+    layer: str
+    direction: str
+    evidence: str
+    bias_added: bool = False
+    untied: bool = False
+
+
+@dataclass
+class LeftNorm:
+    """A norm left as it was, with a reason code (see ``fusion.REASONS``)."""
+
+    norm: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class FusionReport:
+    """The outcome of :func:`fusion.fuse` or :func:`fusion.analyze`.
+
+    Every norm module of the model appears exactly once, in ``fused`` or in ``left``.
+    """
+
+    fused: List[FusedPair] = field(default_factory=list)
+    left: List[LeftNorm] = field(default_factory=list)
+    removed_parameters: Dict[str, int] = field(default_factory=dict)
+    removed_buffers: Dict[str, int] = field(default_factory=dict)
+    added_parameters: Dict[str, int] = field(default_factory=dict)
+    evidence: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+    dry_run: bool = False
+    rel_err: Optional[float] = None
+    max_abs_err: Optional[float] = None
+    tolerance: Optional[float] = None
+    plan: Dict = field(default_factory=dict)
+
+    @property
+    def parameters_reduced(self) -> int:
+        """Parameter elements removed, less the biases added to fused layers."""
+        return sum(self.removed_parameters.values()) - sum(self.added_parameters.values())
+
+    @property
+    def buffers_removed(self) -> int:
+        return sum(self.removed_buffers.values())
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not self.fused and not self.left
+
+    def to_dict(self) -> Dict:
+        """A JSON-serialisable dict with a stable schema (``schema_version``)."""
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "dry_run": self.dry_run,
+            "evidence": list(self.evidence),
+            "fused": [asdict(p) for p in self.fused],
+            "left": [asdict(n) for n in self.left],
+            "removed": {
+                "parameters": dict(self.removed_parameters),
+                "buffers": dict(self.removed_buffers),
+                "parameter_count": sum(self.removed_parameters.values()),
+                "buffer_count": self.buffers_removed,
+            },
+            "added": {"parameters": dict(self.added_parameters),
+                      "parameter_count": sum(self.added_parameters.values())},
+            "parameters_reduced": self.parameters_reduced,
+            "verification": None if self.rel_err is None else {
+                "rel_err": self.rel_err, "max_abs_err": self.max_abs_err,
+                "tolerance": self.tolerance},
+            "notes": list(self.notes),
+            "plan": self.plan,
+        }
+
+    def to_json(self, **kwargs) -> str:
+        kwargs.setdefault("indent", 2)
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def _summary(self) -> str:
+        verb = "would fuse" if self.dry_run else "fused"
+        if self.nothing_to_do:
+            return "Nothing to fuse: the model has no norm modules left."
+        s = (f"{verb} {len(self.fused)} norm(s), left {len(self.left)}; "
+             f"{sum(self.removed_parameters.values())} parameters and "
+             f"{self.buffers_removed} buffer elements removed, "
+             f"{sum(self.added_parameters.values())} bias parameters added")
+        if self.rel_err is not None:
+            s += f"; rel_err {self.rel_err:.3g} (tolerance {self.tolerance:.3g})"
+        return s
+
+    def rows(self):
+        """(status, norm, layer or reason, detail) rows for a table."""
+        for p in self.fused:
+            extra = []
+            if p.bias_added:
+                extra.append("bias added")
+            if p.untied:
+                extra.append("untied weight")
+            rel = "after" if p.direction == "after" else "before"
+            yield ("fused", p.norm, p.layer, f"{rel} layer, evidence {p.evidence}"
+                   + (f", {', '.join(extra)}" if extra else ""))
+        for n in self.left:
+            yield ("left", n.norm, n.reason, n.detail)
+
+    def __str__(self):
+        rows = list(self.rows())
+        lines = [f"FusionReport: {self._summary()}"]
+        if self.evidence:
+            lines.append(f"evidence: {', '.join(self.evidence)}")
+        if rows:
+            head = ("status", "norm", "layer / reason", "detail")
+            widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(3)]
+            fmt = "  {:<%d}  {:<%d}  {:<%d}  {}" % tuple(widths)
+            lines.append(fmt.format(*head))
+            lines.append(fmt.format(*("-" * w for w in widths), "-" * 6))
+            lines += [fmt.format(*r) for r in rows]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return f"<FusionReport {self._summary()}>"
+
+    def _repr_html_(self):
+        esc = html.escape
+        body = "".join(
+            "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>"
+            for r in self.rows())
+        notes = "".join(f"<li>{esc(n)}</li>" for n in self.notes)
+        return (f"<div><p><b>FusionReport</b>: {esc(self._summary())}</p>"
+                f"<table><thead><tr><th>status</th><th>norm</th>"
+                f"<th>layer / reason</th><th>detail</th></tr></thead>"
+                f"<tbody>{body}</tbody></table>"
+                + (f"<ul>{notes}</ul>" if notes else "") + "</div>")

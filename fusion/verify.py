@@ -1,0 +1,266 @@
+"""Checking a fused model against the original.
+
+Two checks, both on by default when example inputs are given:
+
+1. Weights. Every fused weight and bias is compared with the exact fold of the
+   original values, computed here in float64 with torch (independently of the C
+   core) and rounded once: each must be within 1 ULP. This catches any wrong
+   fold, in any dtype, and names the pair.
+2. Outputs. ``rel_err = ||y_fused - y||_2 / ||y||_2`` over every floating output
+   tensor. A correct fold still changes the output by the rounding of the fused
+   weights, amplified by the depth of the model, so the tolerance is measured on
+   the model itself: the fused weights are perturbed at random by half an ULP of
+   their dtype (of float32, where arithmetic runs in float32) and the model is
+   run again. The change that causes, ``sigma``, is the size of the error a
+   correct fold may make; the tolerance is ``TOLERANCE_FACTOR * sigma``, and
+   never below ``FLOOR`` of the dtype. When the error is too large, the pair
+   whose own output differs most (per channel, on the inputs it saw) is named.
+"""
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import FusionError
+from .layers import norm_adapter
+
+__all__ = ["TOLERANCE_FACTOR"]
+
+#: The output tolerance is this many times the measured rounding sensitivity.
+TOLERANCE_FACTOR = 16.0
+
+#: The smallest default tolerance, per compute dtype.
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _has_half_on_cpu(model) -> bool:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.dtype in _HALF and t.device.type == "cpu":
+            return True
+    return False
+
+
+def _to_float(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.dtype in _HALF else obj
+    if isinstance(obj, tuple):
+        return tuple(_to_float(x) for x in obj)
+    if isinstance(obj, list):
+        return [_to_float(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _to_float(v) for k, v in obj.items()}
+    return obj
+
+
+def run_model(model, args, fn=None):
+    """Runs ``fn(model, args)`` (default: ``model(*args)`` without grad), on a
+    float32 copy where the model holds float16/bfloat16 tensors on the CPU,
+    which has no kernels for them in every torch."""
+    if fn is None:
+        def fn(m, a):
+            with torch.no_grad():
+                return m(*a)
+    if _has_half_on_cpu(model):
+        return fn(copy.deepcopy(model).float(), _to_float(args))
+    return fn(model, args)
+
+
+def _flat(obj, out):
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point():
+            out.append(obj.detach().double().reshape(-1))
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _flat(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _flat(v, out)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, nn.Module):
+        for v in vars(obj).values():
+            _flat(v, out)
+    return out
+
+
+def outputs_error(reference, output):
+    """``(rel_err, max_abs_err)`` between two outputs of the same structure."""
+    a, b = _flat(reference, []), _flat(output, [])
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+        raise FusionError("the fused model's output has a different structure or shape "
+                          "than the original's.", None, "verify")
+    if not a:
+        return 0.0, 0.0
+    ref, out = torch.cat(a), torch.cat(b)
+    diff = out - ref
+    norm = float(ref.norm())
+    rel = float(diff.norm()) / norm if norm > 0 else float(diff.norm())
+    return rel, float(diff.abs().max()) if diff.numel() else 0.0
+
+
+# --- 1. weights ----------------------------------------------------------------
+
+
+def _exact_fold(weight, bias, norm, direction, groups, transpose, post=None):
+    """The fold in float64 with torch: the reference the C core must match."""
+    p = norm_adapter(norm)(norm)
+    mean, var = p.running_mean.double().cpu(), p.running_var.double().cpu()
+    gamma = p.weight.double().cpu() if p.weight is not None else torch.ones_like(mean)
+    beta = p.bias.double().cpu() if p.bias is not None else torch.zeros_like(mean)
+    s = gamma / torch.sqrt(var + p.eps)
+    w = weight.detach().double().cpu()
+    b = bias.detach().double().cpu() if bias is not None else None
+    if direction == "after":
+        if transpose:
+            cin = w.shape[0]
+            w = w.reshape(groups, cin // groups, -1, *w.shape[2:])
+            w = w * s.reshape(groups, 1, -1, *([1] * (w.dim() - 3)))
+            w = w.reshape(cin, -1, *w.shape[3:])
+        else:
+            w = w * s.reshape(-1, *([1] * (w.dim() - 1)))
+        nb = (b - mean) * s + beta if b is not None else beta - mean * s
+        return w, nb
+    t = beta - mean * s
+    out = w.shape[0]
+    wg = w.reshape(groups, out // groups, -1, *w.shape[2:])
+    sg, tg = s.reshape(groups, 1, -1), t.reshape(groups, 1, -1)
+    nb = (wg.reshape(groups, out // groups, wg.shape[2], -1).sum(-1) * tg).sum(-1)
+    nb = nb.reshape(-1) + (b if b is not None else 0)
+    w = (wg * sg.reshape(groups, 1, -1, *([1] * (w.dim() - 2)))).reshape(w.shape)
+    if post is not None:
+        w2, nb2 = _exact_fold(w, nb, post, "after", 1, False)
+        return w2, nb2
+    return w, nb
+
+
+def _ulps(value, reference):
+    """ULP distance of ``value`` from the float64 ``reference`` rounded to its dtype."""
+    dtype = value.dtype
+    ref = reference.to(dtype)
+    ulp = torch.finfo(dtype).eps * torch.maximum(
+        ref.double().abs(), torch.tensor(torch.finfo(dtype).tiny, dtype=torch.float64))
+    return ((value.detach().double().cpu() - ref.double()).abs() / ulp.cpu())
+
+
+def check_weights(prepared, originals):
+    """Raises FusionError naming a pair whose fused values are more than 1 ULP
+    from the exact fold. ``originals`` maps layer name -> (weight, bias) before
+    the fold."""
+    worst = (0.0, None)
+    for p in prepared:
+        f = p.fold
+        weight, bias = originals[f.layer]
+        transpose = isinstance(p.layer, nn.modules.conv._ConvTransposeNd)
+        groups = getattr(p.layer, "groups", 1)
+        if f.before is not None:
+            post = p.norms.get(f.after) if f.after is not None else None
+            w, b = _exact_fold(weight, bias, p.norms[f.before], "before", groups, False,
+                               post)
+        else:
+            w, b = _exact_fold(weight, bias, p.norms[f.after], "after", groups, transpose)
+        err = max(float(_ulps(p.layer.weight, w).max()),
+                  float(_ulps(p.layer.bias, b).max()))
+        if err > worst[0]:
+            worst = (err, f)
+    if worst[0] > 1.0:
+        f = worst[1]
+        raise FusionError(
+            f"{f.layer}: its fused weights are {worst[0]:.3g} ULP from the exact fold of "
+            f"{', '.join(f.norms())} (at most 1 is allowed). This is a bug in fusion; "
+            f"please report it. The model was left as it was.", f.layer, "verify")
+
+
+# --- 2. outputs ----------------------------------------------------------------
+
+
+def _compute_dtype(model):
+    for t in model.parameters():
+        if t.is_floating_point():
+            return torch.float32 if t.dtype in _HALF else t.dtype
+    return torch.float32
+
+
+def _sensitivity(fused, args, prepared, y_fused):
+    """Output change when every fused weight moves by up to half an ULP."""
+    gen = torch.Generator().manual_seed(0)
+    saved = []
+    with torch.no_grad():
+        for p in prepared:
+            for t in (p.layer.weight, p.layer.bias):
+                eps = max(torch.finfo(t.dtype).eps, torch.finfo(torch.float32).eps) \
+                    if t.dtype != torch.float64 else torch.finfo(torch.float64).eps
+                noise = torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1
+                saved.append((t, t.detach().clone()))
+                t.copy_((t.double().cpu() * (1 + noise * eps / 2)).to(t.dtype))
+        try:
+            y = run_model(fused, args)
+        finally:
+            for t, v in saved:
+                t.copy_(v)
+    return outputs_error(y_fused, y)[0]
+
+
+def _locate(fused, args, prepared, originals):
+    """The pair whose own output differs most, per channel, on the inputs it saw."""
+    inputs = {}
+    handles = [p.layer.register_forward_pre_hook(
+        lambda m, a, name=p.fold.layer: inputs.setdefault(name, a[0]))
+        for p in prepared]
+    try:
+        run_model(fused, args)
+    finally:
+        for h in handles:
+            h.remove()
+    worst = (-1.0, None)
+    with torch.no_grad():
+        for p in prepared:
+            x = inputs.get(p.fold.layer)
+            if x is None:
+                continue
+            x = x.double()
+            fused_layer = copy.deepcopy(p.layer).double().cpu()
+            ref_layer = copy.deepcopy(p.layer).double().cpu()
+            w, b = originals[p.fold.layer]
+            ref_layer.weight.copy_(w.double())
+            if b is not None:
+                ref_layer.bias.copy_(b.double())
+            else:
+                ref_layer.bias.zero_()
+            ref = x.cpu()
+            if p.fold.before is not None:
+                ref = copy.deepcopy(p.norms[p.fold.before]).double().cpu().eval()(ref)
+            ref = ref_layer(ref)
+            if p.fold.after is not None:
+                ref = copy.deepcopy(p.norms[p.fold.after]).double().cpu().eval()(ref)
+            got = fused_layer(x.cpu())
+            dims = [d for d in range(ref.dim()) if d != 1]
+            per_channel = (got - ref).norm(dim=dims) / ref.norm(dim=dims).clamp_min(1e-300)
+            err = float(per_channel.max())
+            if err > worst[0]:
+                worst = (err, p.fold)
+    return worst
+
+
+def verify_fused(fused, args, reference, prepared, report, rtol, originals):
+    """Runs both checks; fills ``report.rel_err``, ``max_abs_err`` and ``tolerance``.
+
+    ``originals`` maps each folded layer's name to its (weight, bias) before the
+    fold. Raises FusionError when a check fails."""
+    check_weights(prepared, originals)
+    y = run_model(fused, args)
+    rel, max_abs = outputs_error(reference, y)
+    if rtol is None:
+        sigma = _sensitivity(fused, args, prepared, y) if prepared else 0.0
+        dtype = _compute_dtype(fused)
+        rtol = max(TOLERANCE_FACTOR * sigma, FLOOR.get(dtype, 1e-6))
+    report.rel_err, report.max_abs_err, report.tolerance = rel, max_abs, float(rtol)
+    if not rel <= rtol:
+        err, fold = _locate(fused, args, prepared, originals)
+        name = fold.layer if fold is not None else None
+        pair = f"{', '.join(fold.norms())} -> {fold.layer}" if fold else "no single pair"
+        raise FusionError(
+            f"{name}: verification failed: rel_err {rel:.3g} exceeds the tolerance "
+            f"{rtol:.3g}. The pair that diverges most is {pair} (per-channel error "
+            f"{err:.3g} on its own inputs). The model was left as it was; fuse without "
+            f"verify to accept, or raise rtol.", name, "verify")

@@ -1,0 +1,82 @@
+"""Builds fusion's native extension, fusion._C. Metadata lives in pyproject.toml.
+
+The extension mixes C11 (csrc/fold.c, csrc/module.c) with one C++ translation
+unit (csrc/torch_shim.cpp), so each source is compiled with its own language
+flags: torch's BuildExtension would compile the C files as C++.
+
+Switches, read from the environment:
+  FUSION_DEBUG=1     -O0 -g, assertions kept
+  FUSION_SANITIZE=1  AddressSanitizer and UndefinedBehaviorSanitizer
+  FUSION_OPENMP=0    build the core without OpenMP
+"""
+import os
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip() not in ("", "0")
+
+
+def _torch_config():
+    import torch
+    from torch.utils import cpp_extension
+
+    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
+    version = torch.__version__.split("+")[0]
+    return cpp_extension.include_paths(), cpp_extension.library_paths(), abi, version
+
+
+class BuildExt(build_ext):
+    """build_ext that gives .c files C11 flags and .cpp files C++17 flags."""
+
+    def build_extensions(self):
+        debug = _flag("FUSION_DEBUG")
+        sanitize = _flag("FUSION_SANITIZE")
+        openmp = os.environ.get("FUSION_OPENMP", "1") != "0"
+        common = ["-O0", "-g"] if debug else ["-O3"]
+        common += ["-Wall", "-Wextra", "-fvisibility=hidden"]
+        link = []
+        if sanitize:
+            san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                   "-fno-sanitize-recover=undefined"]
+            common += san
+            link += san
+        c_flags = ["-std=c11", "-Wno-missing-field-initializers"] + common
+        if openmp:
+            c_flags.append("-fopenmp")
+            link.append("-fopenmp")
+        cxx_flags = ["-std=c++17", "-Wno-unused-parameter", "-Wno-deprecated-declarations"] + common
+        original = self.compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            flags = c_flags if src.endswith(".c") else cxx_flags
+            original(obj, src, ext, cc_args, list(extra_postargs) + flags, pp_opts)
+
+        self.compiler._compile = _compile
+        for extension in self.extensions:
+            extension.extra_link_args = list(extension.extra_link_args or []) + link
+        super().build_extensions()
+
+
+def _extension():
+    include_dirs, library_dirs, abi, version = _torch_config()
+    include_dirs = [d for d in include_dirs if os.path.isdir(d)]
+    return Extension(
+        "fusion._C",
+        sources=["csrc/fold.c", "csrc/module.c", "csrc/torch_shim.cpp"],
+        include_dirs=["csrc"] + include_dirs,
+        library_dirs=library_dirs,
+        runtime_library_dirs=library_dirs,
+        libraries=["c10", "torch_cpu", "torch", "torch_python"],
+        define_macros=[
+            ("_GLIBCXX_USE_CXX11_ABI", str(abi)),
+            ("FUSION_TORCH_VERSION", '"%s"' % version),
+        ],
+        depends=["csrc/fold.h", "csrc/torch_shim.h"],
+        language="c++",
+    )
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExt})
