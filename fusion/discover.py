@@ -56,6 +56,8 @@ class Flow:
     calls: Dict[str, List[Call]] = field(default_factory=dict)
     escaped: Set[str] = field(default_factory=set)  # params used outside own call
     placed: Set[str] = field(default_factory=set)  # sequential: input is a sibling's
+    value_reads: int = 0  # recorded: tensor values read into Python (if x.sum() > 0)
+    uncalled: List[str] = field(default_factory=list)  # recorded: tracked, never called
     note: Optional[str] = None
 
     def add(self, call: Call) -> Call:
@@ -233,6 +235,9 @@ def flow_from_run(model, example_inputs):
     finally:
         for h in handles:
             h.remove()
+    rec.flow.value_reads = rec.value_reads
+    rec.flow.uncalled = [rec.names[id(m)] for m in model.modules()
+                         if is_interesting(m) and rec.names[id(m)] not in rec.flow.calls]
     if rec.value_reads:
         rec.flow.note = (
             f"the forward read tensor values into Python {rec.value_reads} times "

@@ -45,6 +45,9 @@ REASONS = {
     "change the padded border",
     "overflow": "a fused value would not fit the dtype",
     "evidence_disagrees": "torch.fx and the recorded run disagree about its input",
+    "value_dependent_flow": "the forward branches on tensor values and the recorded "
+    "run left some layers or norms uncalled, so another input may take a path where "
+    "the fold is wrong",
 }
 
 
@@ -264,6 +267,9 @@ def make_plan(model, flows: List[Flow]) -> Plan:
     for f in flows:
         if f.note and f.source == "recorded":
             plan.notes.append(f.note)
+    fx_proven = any(f.source == "fx" for f in flows)
+    branchy = recorded is not None and not fx_proven and recorded.value_reads > 0 \
+        and recorded.uncalled
     shared = _shares_storage(model)
     escaped = set().union(*(f.escaped for f in flows)) if flows else set()
     by_layer: Dict[str, Fold] = {}
@@ -304,6 +310,13 @@ def make_plan(model, flows: List[Flow]) -> Plan:
                   f"torch.fx and the recorded run disagree: {decisions}")
             continue
         decision = decisions[0]
+        if branchy:
+            shown = ", ".join(recorded.uncalled[:3])
+            leave(name, "value_dependent_flow",
+                  f"the forward branches on tensor values and the recorded run never "
+                  f"called {shown}{' ...' if len(recorded.uncalled) > 3 else ''}; make the "
+                  f"model traceable by torch.fx, or fold known pairs with fuse_conv_and_bn")
+            continue
         targets = decision[1] if decision[0] == "after" else [decision[1]]
         direction = decision[0]
         reason = None
