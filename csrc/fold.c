@@ -388,12 +388,15 @@ rest_collapse(const fusion_view *w, rest_dims *r)
 /* ------------------------------------------------------------------------ */
 /* Run kernels.                                                              */
 
-/* Max |w| over a run, and the position of the first non-finite value. */
+/* Max |w| over a run, and the position of the first non-finite value. With
+ * sum != NULL, also the sum of the run in long double (Neumaier summation):
+ * the bias of a fold before a layer sums products that may cancel. */
 static double
 run_maxabs_sum(const fusion_view *w, int64_t off, int64_t count,
-               int64_t stride, double *sum, int64_t *bad)
+               int64_t stride, long double *sum, int64_t *bad)
 {
-    double m = 0.0, s = 0.0, c = 0.0;
+    double m = 0.0;
+    long double s = 0.0L, c = 0.0L;
     *bad = -1;
     for (int64_t k = 0; k < count; k++) {
         int64_t o = off + k * stride;
@@ -404,20 +407,23 @@ run_maxabs_sum(const fusion_view *w, int64_t off, int64_t count,
         }
         double a = fabs(x);
         m = a > m ? a : m;
-        /* Neumaier summation: the bias of a fold before a layer sums
-         * products that may cancel. */
-        double t = s + x;
-        c += fabs(s) >= fabs(x) ? (s - t) + x : (x - t) + s;
-        s = t;
+        if (sum != NULL) {
+            long double t = s + x;
+            c += fabsl(s) >= a ? (s - t) + x : (x - t) + s;
+            s = t;
+        }
     }
-    *sum = s + c;
+    if (sum != NULL) {
+        *sum = s + c;
+    }
     return m;
 }
 
 static void
 run_scale(const fusion_view *w, int64_t off, int64_t count, int64_t stride,
-          double scale)
+          long double wide)
 {
+    double scale = (double)wide;
     switch (w->dtype) {
         case FUSION_DTYPE_F32: {
             float *p = (float *)w->data + off;
@@ -434,9 +440,11 @@ run_scale(const fusion_view *w, int64_t off, int64_t count, int64_t stride,
             break;
         }
         case FUSION_DTYPE_F64: {
+            /* A float64 weight cannot be rounded once from a float64 product;
+             * the product is formed in long double and rounded to double. */
             double *p = (double *)w->data + off;
             for (int64_t k = 0; k < count; k++) {
-                p[k * stride] *= scale;
+                p[k * stride] = (double)((long double)p[k * stride] * wide);
             }
             break;
         }
@@ -573,12 +581,91 @@ fusion_norm_affine(const fusion_norm *norm, int64_t channels, double *scale,
     return FUSION_OK;
 }
 
+/* gamma / sqrt(var + eps) of channel c in long double. Used for float64
+ * weights, whose fused values need more than float64 to be rounded once. On
+ * targets where long double is double this is the float64 result. */
+static long double
+wide_scale(const fusion_norm *n, int64_t c)
+{
+    long double var = vector_get(&n->var, c);
+    long double gamma =
+        view_present(&n->weight) ? vector_get(&n->weight, c) : 1.0L;
+    return gamma / sqrtl(var + (long double)n->eps);
+}
+
+static long double
+wide_shift(const fusion_norm *n, int64_t c, long double s)
+{
+    long double beta = view_present(&n->bias) ? vector_get(&n->bias, c) : 0.0L;
+    return beta - (long double)vector_get(&n->mean, c) * s;
+}
+
 /* The factor applied to weight element (i0, i1, ...). */
-static inline double
+static inline long double
 elem_scale(const fusion_fold *f, int64_t i0, int64_t i1, int64_t a)
 {
-    double s = f->scale[channel_of(f, i0, i1, a)];
+    int64_t c = channel_of(f, i0, i1, a);
+    if (f->weight.dtype == FUSION_DTYPE_F64) {
+        long double s = wide_scale(f->norm, c);
+        return f->post != NULL ? s * wide_scale(f->post, i0) : s;
+    }
+    double s = f->scale[c];
     return f->post != NULL ? s * f->post_scale[i0] : s;
+}
+
+/* Every vector of a norm is a checked 1-D view of `channels` elements. */
+static fusion_status
+norm_views_check(const fusion_norm *n, int64_t channels, fusion_where *where)
+{
+    const fusion_view *views[4] = {&n->mean, &n->var, &n->weight, &n->bias};
+    const char *names[4] = {"running_mean", "running_var", "weight", "bias"};
+    for (int i = 0; i < 4; i++) {
+        if (i >= 2 && !view_present(views[i])) {
+            continue;
+        }
+        fusion_status st = vector_check(views[i], channels);
+        if (st != FUSION_OK) {
+            set_where(where, names[i], -1, 0.0);
+            return st;
+        }
+    }
+    return FUSION_OK;
+}
+
+/* Rounds a fused bias value and checks that it fits the bias dtype. */
+static fusion_status
+store_bias(const fusion_fold *fold, int64_t o, long double v,
+           double *new_bias, fusion_where *where)
+{
+    double rounded = (double)v;
+    if (!fusion_fits(rounded, fold->bias_out.dtype)) {
+        set_where(where, "bias", o, rounded);
+        return FUSION_E_OVERFLOW;
+    }
+    new_bias[o] = rounded;
+    return FUSION_OK;
+}
+
+/* The bias of output channel o of a fold before a layer, from the sum
+ * acc = sum W[o, ...] * shift[c], with the optional post norm applied. */
+static fusion_status
+finish_before_bias(const fusion_fold *fold, int64_t o, long double acc,
+                   int has_bias, double *new_bias, fusion_where *where)
+{
+    double b = has_bias ? vector_get(&fold->bias_in, o) : 0.0;
+    if (!isfinite(b)) {
+        set_where(where, "bias", o, b);
+        return FUSION_E_NONFINITE;
+    }
+    long double v = (long double)b + acc;
+    if (fold->post != NULL) {
+        long double s2 = wide_scale(fold->post, o);
+        long double beta = view_present(&fold->post->bias)
+                               ? vector_get(&fold->post->bias, o)
+                               : 0.0L;
+        v = (v - (long double)vector_get(&fold->post->mean, o)) * s2 + beta;
+    }
+    return store_bias(fold, o, v, new_bias, where);
 }
 
 fusion_status
@@ -618,26 +705,39 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
         return st;
     }
 
+    /* The norms' vectors are read again below (in long double): never trust
+     * that fusion_norm_affine() checked these very views. */
+    st = norm_views_check(fold->norm, fusion_fold_channels(fold), where);
+    if (st == FUSION_OK && fold->post != NULL) {
+        st = norm_views_check(fold->post, d_out, where);
+    }
+    if (st != FUSION_OK) {
+        return st;
+    }
+
     int64_t d0 = w->sizes[0], d1 = w->sizes[1];
     int64_t a = fold->map == FUSION_GROUPED ? d0 / fold->groups : 1;
     rest_dims r;
     rest_collapse(w, &r);
-    if (view_numel(w) == 0) {
-        d0 = 0; /* nothing to read */
-    }
+    int empty = view_numel(w) == 0; /* no weight to read, biases still due */
     for (int64_t o = 0; o < d_out; o++) {
         new_bias[o] = 0.0;
     }
     for (int64_t i0 = 0; i0 < d0; i0++) {
-        double acc = 0.0, acc_c = 0.0; /* Neumaier sum of the bias update */
+        long double acc = 0.0L, acc_c = 0.0L; /* Neumaier, see above */
         for (int64_t i1 = 0; i1 < d1; i1++) {
             int64_t ch = channel_of(fold, i0, i1, a);
             int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
-            double m = 0.0, row = 0.0;
+            double m = 0.0;
+            long double row = 0.0L;
             int64_t bad = -1;
             FOR_EACH_RUN(&r, base, off, count, stride, {
-                double sum = 0.0;
-                double mm = run_maxabs_sum(w, off, count, stride, &sum, &bad);
+                if (empty) {
+                    break;
+                }
+                long double sum = 0.0L;
+                double mm = run_maxabs_sum(w, off, count, stride,
+                                           before ? &sum : NULL, &bad);
                 if (bad >= 0) {
                     break;
                 }
@@ -650,21 +750,30 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
                 return FUSION_E_NONFINITE;
             }
             /* Rounding is monotonic, so the largest magnitude decides. */
-            double largest = m * fabs(elem_scale(fold, i0, i1, a));
+            double largest = m * fabs((double)elem_scale(fold, i0, i1, a));
             if (!fusion_fits(largest, w->dtype)) {
                 set_where(where, "weight", base, largest);
                 return FUSION_E_OVERFLOW;
             }
             if (before) {
-                double x = row * fold->shift[ch];
-                double t = acc + x;
-                acc_c += fabs(acc) >= fabs(x) ? (acc - t) + x : (x - t) + acc;
+                long double x =
+                    row * wide_shift(fold->norm, ch, wide_scale(fold->norm, ch));
+                long double t = acc + x;
+                acc_c +=
+                    fabsl(acc) >= fabsl(x) ? (acc - t) + x : (x - t) + acc;
                 acc = t;
             }
         }
         if (before) {
-            new_bias[i0] = acc + acc_c;
+            fusion_status st2 = finish_before_bias(fold, i0, acc + acc_c,
+                                                   has_bias, new_bias, where);
+            if (st2 != FUSION_OK) {
+                return st2;
+            }
         }
+    }
+    if (before) {
+        return FUSION_OK;
     }
     const fusion_norm *norm = fold->norm;
     for (int64_t o = 0; o < d_out; o++) {
@@ -673,34 +782,20 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
             set_where(where, "bias", o, b);
             return FUSION_E_NONFINITE;
         }
-        double v;
-        if (before) {
-            v = b + new_bias[o];
-            if (fold->post != NULL) {
-                double beta = view_present(&fold->post->bias)
-                                  ? vector_get(&fold->post->bias, o)
-                                  : 0.0;
-                double mean = vector_get(&fold->post->mean, o);
-                v = fma(v - mean, fold->post_scale[o], beta);
-            }
+        /* (b - mean) * s + beta, in long double so that a float64 bias is
+         * rounded once. b - mean is exact for two values of one narrower
+         * format with close exponents, which is where a bias and a running
+         * mean cancel. */
+        long double s1 = wide_scale(norm, o);
+        long double beta =
+            view_present(&norm->bias) ? vector_get(&norm->bias, o) : 0.0L;
+        long double v =
+            ((long double)b - (long double)vector_get(&norm->mean, o)) * s1 +
+            beta;
+        fusion_status st2 = store_bias(fold, o, v, new_bias, where);
+        if (st2 != FUSION_OK) {
+            return st2;
         }
-        else if (has_bias) {
-            /* (b - mean) * s + beta: b - mean is exact in float64 for two
-             * values of one narrower format with close exponents, which is
-             * where a bias and a running mean cancel. */
-            double beta = view_present(&norm->bias)
-                              ? vector_get(&norm->bias, o)
-                              : 0.0;
-            v = fma(b - vector_get(&norm->mean, o), fold->scale[o], beta);
-        }
-        else {
-            v = fold->shift[o];
-        }
-        if (!fusion_fits(v, fold->bias_out.dtype)) {
-            set_where(where, "bias", o, v);
-            return FUSION_E_OVERFLOW;
-        }
-        new_bias[o] = v;
     }
     return FUSION_OK;
 }
@@ -722,7 +817,7 @@ fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
 #endif
     for (int64_t i0 = 0; i0 < d0; i0++) {
         for (int64_t i1 = 0; i1 < d1; i1++) {
-            double s = elem_scale(fold, i0, i1, a);
+            long double s = elem_scale(fold, i0, i1, a);
             int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
             FOR_EACH_RUN(&r, base, off, count, stride,
                          run_scale(w, off, count, stride, s));

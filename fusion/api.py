@@ -53,7 +53,9 @@ def _discover(target, args):
     try:
         flows.append(flow_from_fx(target))
     except Exception as exc:  # any model that fx cannot trace
-        fx_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first.split(". ")[0]
+        fx_error = f"{type(exc).__name__}: {first[:120]}"
     if args is not None:
         try:
             flow, output = run_model(target, args, flow_from_run)
