@@ -97,10 +97,11 @@ class FusionReport:
         verb = "would fuse" if self.dry_run else "fused"
         if self.nothing_to_do:
             return "Nothing to fuse: the model has no norm modules left."
+        removed, added = ("to remove", "to add") if self.dry_run else ("removed", "added")
         s = (f"{verb} {len(self.fused)} norm(s), left {len(self.left)}; "
              f"{sum(self.removed_parameters.values())} parameters and "
-             f"{self.buffers_removed} buffer elements removed, "
-             f"{sum(self.added_parameters.values())} bias parameters added")
+             f"{self.buffers_removed} buffer elements {removed}, "
+             f"{sum(self.added_parameters.values())} bias parameters {added}")
         if self.rel_err is not None:
             s += f"; rel_err {self.rel_err:.3g} (tolerance {self.tolerance:.3g})"
         return s
