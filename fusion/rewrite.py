@@ -6,6 +6,7 @@ path, so a model is either fully fused or untouched. Keep it that way: a test
 reads ``write`` and fails if it gains a ``raise`` or a call that can fail on
 bad input.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -38,19 +39,51 @@ def _host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.detach().to("cpu", copy=True)
 
 
-_WHAT_IS_NORM = {"running_mean", "running_var", "norm weight", "norm bias", "post"}
+_WHAT_IS_NORM = {"running_mean", "running_var", "norm weight", "norm bias", "post", "eps"}
 
 
-def _fold_error(exc, fold: Fold) -> FusionError:
+def _norm_at_fault(code, what, norms) -> Optional[str]:
+    """The norm whose vector holds the fault the core reported, or None.
+
+    The core reports a norm's ``weight`` and ``bias`` under the same names as
+    the layer's, and does not say which of two norms (before and after one
+    layer) it was reading. It checks the norms first, in the order given, then
+    the layer; so the first norm that holds such a fault is the one it stopped
+    at, and none means the layer."""
+    for name, params in norms:
+        if what == "eps":
+            if not math.isfinite(params.eps):
+                return name
+            continue
+        t = getattr(params, what, None)
+        if t is None:
+            continue
+        v = t.detach().double().cpu()
+        if code == "nonfinite" and not bool(torch.isfinite(v).all()):
+            return name
+        if code == "variance" and what == "running_var" and \
+                not bool((v + params.eps > 0).all()):
+            return name
+    return None
+
+
+def _fold_error(exc, fold: Fold, norms=()) -> FusionError:
+    """``norms``: ``(name, NormParams)`` of the fold's norms, in the order the
+    core checks them."""
     what = getattr(exc, "what", "")
     post = what.startswith("post ")
     what = what[5:] if post else what
-    if what in _WHAT_IS_NORM:
+    is_norm = what in _WHAT_IS_NORM
+    what = what.replace("norm ", "")
+    code = getattr(exc, "code", "argument")
+    culprit = _norm_at_fault(code, what, norms) if code in ("nonfinite", "variance") \
+        else None
+    if culprit is not None:
+        name = culprit
+    elif is_norm:
         name = fold.after if (post or fold.before is None) else fold.before
-        what = what.replace("norm ", "")
     else:
         name = fold.layer
-    code = getattr(exc, "code", "argument")
     index = getattr(exc, "index", -1)
     at = f"[{index}]" if index is not None and index >= 0 else ""
     if code == "nonfinite":
@@ -97,6 +130,7 @@ def prepare(model, folds: List[Fold]) -> Tuple[List[Prepared], List[Left]]:
         norm = model.get_submodule(main)
         p.norms[main] = norm
         params = norm_adapter(norm)(norm)
+        checked = [(main, params)]
         args.update(running_mean=_host(params.running_mean),
                     running_var=_host(params.running_var),
                     norm_weight=_host(params.weight), norm_bias=_host(params.bias),
@@ -109,6 +143,7 @@ def prepare(model, folds: List[Fold]) -> Tuple[List[Prepared], List[Left]]:
             post = model.get_submodule(fold.after)
             p.norms[fold.after] = post
             pp = norm_adapter(post)(post)
+            checked.append((fold.after, pp))
             args.update(post_mean=_host(pp.running_mean), post_var=_host(pp.running_var),
                         post_weight=_host(pp.weight), post_bias=_host(pp.bias),
                         post_eps=pp.eps)
@@ -121,7 +156,7 @@ def prepare(model, folds: List[Fold]) -> Tuple[List[Prepared], List[Left]]:
                                      f"folding it into {fold.layer} gives a value that "
                                      f"does not fit {weight.dtype} ({exc})"))
                 continue
-            raise _fold_error(exc, fold) from None
+            raise _fold_error(exc, fold, checked) from None
         prepared.append(p)
     return prepared, left
 
