@@ -184,6 +184,7 @@ def write(model, prepared: List[Prepared]) -> List[Tuple[str, nn.Module]]:
                 continue
             done.add(id(norm))
             identity = nn.Identity()
+            identity.training = norm.training  # a fused model is wholly in eval mode
             for name in aliases.get(id(norm), ()):
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr, identity)
