@@ -29,6 +29,18 @@ def _check_model(model, name="model"):
             + (" (pass one module, not a list)" if isinstance(model, (list, tuple)) else ""))
 
 
+def _raise_if_sparse(model, exc):
+    """torch cannot deepcopy a sparse Parameter; name the layer that holds one."""
+    for name, m in model.named_modules():
+        for what, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None and t.layout != torch.strided:
+                raise FusionError(
+                    f"{name}: {what} is a sparse tensor ({t.layout}), which torch cannot "
+                    f"copy and fusion cannot fold. Convert it with .to_dense() first (or "
+                    f"pass inplace=True if fusion need not fold this layer).",
+                    name, "sparse") from exc
+
+
 def _as_args(example_inputs):
     """A tuple is the positional arguments; anything else is the one argument."""
     if example_inputs is None:
@@ -181,6 +193,7 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
         try:
             target = copy.deepcopy(model)
         except Exception as exc:
+            _raise_if_sparse(model, exc)
             raise FusionError(
                 f"the model cannot be copied ({type(exc).__name__}: {exc}); pass "
                 f"inplace=True to fuse it in place.", None, "copy") from exc
