@@ -218,6 +218,9 @@ fusion_status_str(fusion_status status)
             return "fused value overflows the dtype";
         case FUSION_E_NOMEM:
             return "out of memory";
+        case FUSION_E_OVERLAP:
+            return "view reaches one element through several indices, so it "
+                   "cannot be written in place";
     }
     return "unknown status";
 }
@@ -283,6 +286,45 @@ view_check(const fusion_view *v)
         return FUSION_E_BOUNDS;
     }
     return FUSION_OK;
+}
+
+/* True when no two indices of a checked view reach the same element, so that
+ * writing it element by element writes each element once. The test is
+ * sufficient, not necessary: the dims of size > 1, ordered by |stride|, must
+ * each step past everything the smaller ones reach. Every layout torch makes
+ * short of as_strided passes; an expanded (stride 0) view does not. */
+static int
+view_disjoint(const fusion_view *v)
+{
+    int64_t sizes[FUSION_MAX_DIMS], strides[FUSION_MAX_DIMS];
+    int n = 0;
+    for (int d = 0; d < v->ndim; d++) {
+        if (v->sizes[d] <= 1) {
+            continue;
+        }
+        if (v->strides[d] == INT64_MIN) {
+            return 0;
+        }
+        int64_t stride = v->strides[d] < 0 ? -v->strides[d] : v->strides[d];
+        int k = n++;
+        while (k > 0 && strides[k - 1] > stride) {
+            strides[k] = strides[k - 1];
+            sizes[k] = sizes[k - 1];
+            k--;
+        }
+        strides[k] = stride;
+        sizes[k] = v->sizes[d];
+    }
+    int64_t reach = 0; /* the largest offset the smaller dims reach */
+    for (int k = 0; k < n; k++) {
+        int64_t span;
+        if (strides[k] <= reach ||
+            __builtin_mul_overflow(sizes[k] - 1, strides[k], &span) ||
+            __builtin_add_overflow(reach, span, &reach)) {
+            return 0;
+        }
+    }
+    return 1;
 }
 
 static int64_t
@@ -388,22 +430,23 @@ rest_collapse(const fusion_view *w, rest_dims *r)
 /* ------------------------------------------------------------------------ */
 /* Run kernels.                                                              */
 
-/* Max |w| over a run, and the position of the first non-finite value. With
- * sum != NULL, also the sum of the run in long double (Neumaier summation):
- * the bias of a fold before a layer sums products that may cancel. */
-static double
+/* Max |w| over a run into *max. With sum != NULL, also the sum of the run
+ * in long double (Neumaier summation): the bias of a fold before a layer
+ * sums products that may cancel. Returns 0, or -1 with *bad set to the
+ * offset of the first non-finite value: under a negative stride an offset is
+ * negative, so it cannot double as the "found" flag. */
+static int
 run_maxabs_sum(const fusion_view *w, int64_t off, int64_t count,
-               int64_t stride, long double *sum, int64_t *bad)
+               int64_t stride, double *max, long double *sum, int64_t *bad)
 {
     double m = 0.0;
     long double s = 0.0L, c = 0.0L;
-    *bad = -1;
     for (int64_t k = 0; k < count; k++) {
         int64_t o = off + k * stride;
         double x = fusion_load(elem_ptr(w, o), w->dtype);
         if (!isfinite(x)) {
             *bad = o;
-            return NAN;
+            return -1;
         }
         double a = fabs(x);
         m = a > m ? a : m;
@@ -416,7 +459,8 @@ run_maxabs_sum(const fusion_view *w, int64_t off, int64_t count,
     if (sum != NULL) {
         *sum = s + c;
     }
-    return m;
+    *max = m;
+    return 0;
 }
 
 static void
@@ -690,6 +734,11 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
     if (st != FUSION_OK) {
         return st;
     }
+    /* The fold scales the weight in place: an element reached twice would
+     * be scaled twice. */
+    if (!view_disjoint(w)) {
+        return FUSION_E_OVERLAP;
+    }
     int64_t d_out = fusion_fold_out_channels(fold);
     int has_bias = view_present(&fold->bias_in);
     if (has_bias) {
@@ -700,6 +749,9 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
         }
     }
     st = vector_check(&fold->bias_out, d_out);
+    if (st == FUSION_OK && !view_disjoint(&fold->bias_out)) {
+        st = FUSION_E_OVERLAP;
+    }
     if (st != FUSION_OK) {
         set_where(where, "bias", -1, 0.0);
         return st;
@@ -730,27 +782,34 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
             int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
             double m = 0.0;
             long double row = 0.0L;
-            int64_t bad = -1;
+            int64_t bad = 0;
+            int found = 0;
             FOR_EACH_RUN(&r, base, off, count, stride, {
                 if (empty) {
                     break;
                 }
                 long double sum = 0.0L;
-                double mm = run_maxabs_sum(w, off, count, stride,
-                                           before ? &sum : NULL, &bad);
-                if (bad >= 0) {
+                double mm = 0.0;
+                if (run_maxabs_sum(w, off, count, stride, &mm,
+                                   before ? &sum : NULL, &bad) < 0) {
+                    found = 1;
                     break;
                 }
                 m = mm > m ? mm : m;
                 row += sum;
             });
-            if (bad >= 0) {
+            if (found) {
                 set_where(where, "weight", bad,
                           fusion_load(elem_ptr(w, bad), w->dtype));
                 return FUSION_E_NONFINITE;
             }
-            /* Rounding is monotonic, so the largest magnitude decides. */
-            double largest = m * fabs((double)elem_scale(fold, i0, i1, a));
+            /* Rounding is monotonic, so the largest magnitude decides, if
+             * its product is formed as run_scale() forms it: in long double
+             * for a float64 weight, else in double. */
+            long double s = fabsl(elem_scale(fold, i0, i1, a));
+            double largest = w->dtype == FUSION_DTYPE_F64
+                                 ? (double)((long double)m * s)
+                                 : m * (double)s;
             if (!fusion_fits(largest, w->dtype)) {
                 set_where(where, "weight", base, largest);
                 return FUSION_E_OVERFLOW;

@@ -30,9 +30,11 @@
  * norm before it (the weight is [C_out, C_in/G, k...], a = C_out/G,
  * b = C_in/G).
  *
- * Strides are in elements and may be negative or zero only where the size is
- * one. Each view carries the element range [lo, hi) of its storage that it may
- * touch, relative to its data pointer; a view reaching outside is rejected.
+ * Strides are in elements and may be negative or zero. The views that are
+ * written, weight and bias_out, must not reach one element through two
+ * indices (an expanded tensor does); fusion_fold_check() rejects them. Each
+ * view carries the element range [lo, hi) of its storage that it may touch,
+ * relative to its data pointer; a view reaching outside is rejected.
  */
 #ifndef FUSION_FOLD_H
 #define FUSION_FOLD_H
@@ -63,7 +65,8 @@ typedef enum {
     FUSION_E_NONFINITE = 5, /* an input value is NaN or infinite */
     FUSION_E_VARIANCE = 6,  /* running_var + eps <= 0 */
     FUSION_E_OVERFLOW = 7,  /* a fused value does not fit the dtype */
-    FUSION_E_NOMEM = 8
+    FUSION_E_NOMEM = 8,
+    FUSION_E_OVERLAP = 9    /* a written view reaches an element twice */
 } fusion_status;
 
 /* A strided view of a tensor. data points at element (0, ..., 0). */
@@ -121,8 +124,10 @@ typedef struct {
     const double *post_scale, *post_shift;
 } fusion_fold;
 
-/* Where a check failed: the view ("weight", "running_var", ...) and the flat
- * element index in it, or -1. Filled by the functions below on failure. */
+/* Where a check failed: the view ("weight", "running_var", ...) and the
+ * element in it, or -1: a flat index for the 1-D views, the element offset
+ * from data for the weight (its flat index only when it is contiguous).
+ * Filled by the functions below on failure. */
 typedef struct {
     const char *what;
     int64_t index;
@@ -146,8 +151,9 @@ fusion_status fusion_norm_affine(const fusion_norm *norm, int64_t channels,
 /* Checks a fold and computes the new bias, d_out doubles, into new_bias.
  * Writes no view. Fails with FUSION_E_ARG for a missing norm or scale,
  * FUSION_E_SHAPE / FUSION_E_BOUNDS / FUSION_E_DTYPE for a bad view,
- * FUSION_E_NONFINITE for a NaN or infinite weight or bias, and
- * FUSION_E_OVERFLOW when a fused weight or bias would not fit its dtype. */
+ * FUSION_E_NONFINITE for a NaN or infinite weight or bias,
+ * FUSION_E_OVERFLOW when a fused weight or bias would not fit its dtype, and
+ * FUSION_E_OVERLAP when weight or bias_out reaches an element twice. */
 fusion_status fusion_fold_check(const fusion_fold *fold, double *new_bias,
                                 fusion_where *where);
 
