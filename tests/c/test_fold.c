@@ -1,0 +1,2008 @@
+/*
+ * test_fold.c - unit tests of fusion's numeric core, csrc/fold.c.
+ *
+ * Every fused value is compared with a reference computed here, from the same
+ * stored inputs, in __float128 (a 113-bit significand, so that rounding the
+ * reference to float64 is practically always the exact result rounded once),
+ * then rounded once to the destination dtype by code that shares nothing with
+ * fold.c: float16 and bfloat16 by searching the ordered encodings of all
+ * finite values, float32 and float64 by the compiler's conversions. __float128
+ * rather than long double because valgrind emulates x87 arithmetic at 64 bits.
+ *
+ * The precision criterion is DESIGN.md's: at least 99.9% of the fused values
+ * of each dtype identical to that reference, and every one within 1 ULP.
+ *
+ * Tests print nothing when they pass, except the per-dtype precision
+ * summary. The binary ends with one line, "N passed, M failed", and exits
+ * non-zero when M > 0. An optional argument is the seed of the random cases;
+ * FOLD_TEST_MESSAGES=n raises the number of failure messages shown (40).
+ */
+#include "fold.h"
+
+#include <float.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef __float128 quad;
+
+/* ------------------------------------------------------------------------ */
+/* A minimal harness: a test fails when any CHECK in it fails.               */
+
+static int g_passed, g_failed, g_test_failed, g_messages;
+static int g_max_messages = 40; /* FOLD_TEST_MESSAGES overrides */
+
+/* fold.c rounds float64 values once by working in long double. Where long
+ * double arithmetic is no wider than double at run time (valgrind emulates
+ * x87 at 53 bits), float64 results cannot meet the precision criterion, and
+ * only their memory behaviour is tested. */
+static int g_wide_long_double;
+
+static int
+long_double_is_wide(void)
+{
+    volatile long double one = 1.0L, tiny = 0x1p-60L;
+    return one + tiny != one;
+}
+
+static int
+precision_asserted(fusion_dtype dt)
+{
+    return dt != FUSION_DTYPE_F64 || g_wide_long_double;
+}
+static const char *g_test;
+static char g_context[256];
+
+static void
+check_failed(const char *file, int line, const char *cond, const char *fmt,
+             ...)
+{
+    g_test_failed = 1;
+    /* A broken build can fail thousands of checks; the first few say why. */
+    if (++g_messages > g_max_messages) {
+        return;
+    }
+    fprintf(stderr, "FAIL %s%s%s (%s:%d): %s: ", g_test,
+            g_context[0] ? " " : "", g_context, file, line, cond);
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+#define CHECK(cond, ...)                                                     \
+    do {                                                                     \
+        if (!(cond)) {                                                       \
+            check_failed(__FILE__, __LINE__, #cond, __VA_ARGS__);            \
+        }                                                                    \
+    } while (0)
+
+static void
+test_begin(const char *name)
+{
+    g_test = name;
+    g_test_failed = 0;
+    g_context[0] = '\0';
+}
+
+static void
+test_end(void)
+{
+    if (g_test_failed) {
+        g_failed++;
+    }
+    else {
+        g_passed++;
+    }
+}
+
+static void
+run(const char *name, void (*fn)(void))
+{
+    test_begin(name);
+    fn();
+    test_end();
+}
+
+static void *
+xcalloc(size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size);
+    if (p == NULL) {
+        fprintf(stderr, "out of memory\n");
+        exit(2);
+    }
+    return p;
+}
+
+/* xorshift64*: deterministic across platforms, unlike rand(). */
+static uint64_t g_rng = 0x9E3779B97F4A7C15u;
+
+static uint64_t
+rng_next(void)
+{
+    g_rng ^= g_rng >> 12;
+    g_rng ^= g_rng << 25;
+    g_rng ^= g_rng >> 27;
+    return g_rng * 0x2545F4914F6CDD1Du;
+}
+
+static int64_t
+rng_int(int64_t lo, int64_t hi) /* inclusive */
+{
+    return lo + (int64_t)(rng_next() % (uint64_t)(hi - lo + 1));
+}
+
+static double
+rng_unit(void) /* [0, 1) with 53 random bits */
+{
+    return (double)(rng_next() >> 11) * 0x1p-53;
+}
+
+static double
+rng_normal(void)
+{
+    double u = rng_unit(), v = rng_unit();
+    return sqrt(-2.0 * log(1.0 - u)) * cos(6.283185307179586 * v);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The reference's own view of the dtypes, independent of fold.c.           */
+
+static const fusion_dtype ALL_DTYPES[4] = {
+    FUSION_DTYPE_F16, FUSION_DTYPE_BF16, FUSION_DTYPE_F32, FUSION_DTYPE_F64};
+
+static const char *
+dtype_name(fusion_dtype dt)
+{
+    switch (dt) {
+        case FUSION_DTYPE_F16:
+            return "f16";
+        case FUSION_DTYPE_BF16:
+            return "bf16";
+        case FUSION_DTYPE_F32:
+            return "f32";
+        case FUSION_DTYPE_F64:
+            return "f64";
+        default:
+            return "none";
+    }
+}
+
+static size_t
+esize(fusion_dtype dt)
+{
+    return dt == FUSION_DTYPE_F64 ? 8 : dt == FUSION_DTYPE_F32 ? 4 : 2;
+}
+
+/* The value of an encoding: float16 through the compiler's _Float16, bfloat16
+ * as the top half of a float. */
+static double
+ref_decode(fusion_dtype dt, uint64_t bits)
+{
+    switch (dt) {
+        case FUSION_DTYPE_F16: {
+            uint16_t h = (uint16_t)bits;
+            _Float16 f;
+            memcpy(&f, &h, 2);
+            return (double)f;
+        }
+        case FUSION_DTYPE_BF16: {
+            uint32_t u = (uint32_t)bits << 16;
+            float f;
+            memcpy(&f, &u, 4);
+            return (double)f;
+        }
+        case FUSION_DTYPE_F32: {
+            uint32_t u = (uint32_t)bits;
+            float f;
+            memcpy(&f, &u, 4);
+            return (double)f;
+        }
+        default: {
+            double d;
+            memcpy(&d, &bits, 8);
+            return d;
+        }
+    }
+}
+
+static int
+quad_signbit(quad x)
+{
+    unsigned char b[sizeof(quad)];
+    memcpy(b, &x, sizeof b);
+    return b[15] >> 7; /* little endian: the sign is the top bit */
+}
+
+static quad
+quad_abs(quad x)
+{
+    return x < 0 ? -x : x;
+}
+
+static quad
+quad_sqrt(quad x)
+{
+    if (x <= 0) {
+        return 0;
+    }
+    /* Two Newton steps take the 53 correct bits of sqrt() past 113. */
+    quad r = (quad)sqrt((double)x);
+    r = (r + x / r) / 2;
+    r = (r + x / r) / 2;
+    return r;
+}
+
+/* The encoding of x rounded once, to nearest even, to dt (inf on overflow).
+ * For the 16-bit formats this searches the positive finite encodings, which
+ * are ordered like their values; it shares no code with fold.c. */
+static uint64_t
+ref_round(fusion_dtype dt, quad x)
+{
+    if (dt == FUSION_DTYPE_F32) {
+        float f = (float)x;
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        return u;
+    }
+    if (dt == FUSION_DTYPE_F64) {
+        double d = (double)x;
+        uint64_t u;
+        memcpy(&u, &d, 8);
+        return u;
+    }
+    if (x != x) {
+        return dt == FUSION_DTYPE_F16 ? 0x7E00 : 0x7FC0;
+    }
+    uint16_t top = dt == FUSION_DTYPE_F16 ? 0x7BFF : 0x7F7F;
+    uint16_t inf = dt == FUSION_DTYPE_F16 ? 0x7C00 : 0x7F80;
+    uint16_t sign = quad_signbit(x) ? 0x8000 : 0;
+    quad a = sign ? -x : x;
+    quad vmax = ref_decode(dt, top), vprev = ref_decode(dt, top - 1);
+    if (a >= vmax + (vmax - vprev) / 2) {
+        return sign | inf; /* the tie goes to inf: vmax is odd */
+    }
+    uint16_t lo = 0, hi = top; /* invariant: v(lo) <= a */
+    while (lo < hi) {
+        uint16_t mid = (uint16_t)((lo + hi + 1) / 2);
+        if ((quad)ref_decode(dt, mid) <= a) {
+            lo = mid;
+        }
+        else {
+            hi = (uint16_t)(mid - 1);
+        }
+    }
+    quad vlo = ref_decode(dt, lo);
+    if (vlo == a || lo == top) {
+        return sign | lo;
+    }
+    quad dlo = a - vlo, dhi = (quad)ref_decode(dt, lo + 1) - a;
+    uint16_t r;
+    if (dlo != dhi) {
+        r = dlo < dhi ? lo : (uint16_t)(lo + 1);
+    }
+    else {
+        r = (lo & 1) ? (uint16_t)(lo + 1) : lo; /* a tie goes to even */
+    }
+    return sign | r;
+}
+
+static uint64_t
+bits_of_double(fusion_dtype dt, double x)
+{
+    return ref_round(dt, (quad)x);
+}
+
+/* Encodings ordered as integers, so that ULP distances are differences. */
+static int64_t
+ordered(fusion_dtype dt, uint64_t bits)
+{
+    int64_t mag;
+    int neg;
+    if (dt == FUSION_DTYPE_F64) {
+        mag = (int64_t)(bits & 0x7FFFFFFFFFFFFFFFu);
+        neg = (int)(bits >> 63);
+    }
+    else if (dt == FUSION_DTYPE_F32) {
+        mag = (int64_t)(bits & 0x7FFFFFFFu);
+        neg = (int)((bits >> 31) & 1);
+    }
+    else {
+        mag = (int64_t)(bits & 0x7FFFu);
+        neg = (int)((bits >> 15) & 1);
+    }
+    return neg ? -mag : mag;
+}
+
+static int64_t
+ulp_distance(fusion_dtype dt, uint64_t a, uint64_t b)
+{
+    int64_t d = ordered(dt, a) - ordered(dt, b);
+    return d < 0 ? -d : d;
+}
+
+static uint64_t
+read_bits(const void *p, fusion_dtype dt)
+{
+    switch (esize(dt)) {
+        case 2: {
+            uint16_t v;
+            memcpy(&v, p, 2);
+            return v;
+        }
+        case 4: {
+            uint32_t v;
+            memcpy(&v, p, 4);
+            return v;
+        }
+        default: {
+            uint64_t v;
+            memcpy(&v, p, 8);
+            return v;
+        }
+    }
+}
+
+static void
+write_bits(void *p, fusion_dtype dt, uint64_t bits)
+{
+    switch (esize(dt)) {
+        case 2: {
+            uint16_t v = (uint16_t)bits;
+            memcpy(p, &v, 2);
+            break;
+        }
+        case 4: {
+            uint32_t v = (uint32_t)bits;
+            memcpy(p, &v, 4);
+            break;
+        }
+        default:
+            memcpy(p, &bits, 8);
+            break;
+    }
+}
+
+/* A quiet NaN with a payload: it fills every storage element outside a
+ * view, so that a read outside the view shows up as a NaN status and a
+ * write outside it as a changed byte. */
+static uint64_t
+sentinel_bits(fusion_dtype dt)
+{
+    switch (dt) {
+        case FUSION_DTYPE_F16:
+            return 0x7E5A;
+        case FUSION_DTYPE_BF16:
+            return 0x7FDA;
+        case FUSION_DTYPE_F32:
+            return 0x7FC0005Au;
+        default:
+            return 0x7FF800000000005Au;
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* float16 and bfloat16 rounding, exhaustively.                             */
+
+static void
+check_16bit_format(fusion_dtype dt)
+{
+    uint16_t top = dt == FUSION_DTYPE_F16 ? 0x7BFF : 0x7F7F;
+    unsigned char buf[2];
+    int64_t bad_load = 0, bad_trip = 0, bad_mid = 0, bad_near = 0;
+    int64_t bad_ref = 0;
+    for (uint32_t b = 0; b <= 0xFFFF; b++) {
+        write_bits(buf, dt, b);
+        double got = fusion_load(buf, dt), want = ref_decode(dt, b);
+        uint16_t mag = (uint16_t)(b & 0x7FFF);
+        if (mag > (uint16_t)(top + 1)) {
+            bad_load += !isnan(got);
+            continue;
+        }
+        if (mag == top + 1) {
+            bad_load += !(isinf(got) && signbit(got) == signbit(want));
+            CHECK(!fusion_fits(got, dt), "%s fits(inf)", dtype_name(dt));
+            continue;
+        }
+        /* Every finite value loads exactly and stores back to itself,
+         * -0 and the subnormals included. */
+        if (memcmp(&got, &want, sizeof got) != 0) {
+            bad_load++;
+        }
+        unsigned char out[2];
+        fusion_store(out, dt, got);
+        bad_trip += read_bits(out, dt) != b;
+        CHECK(fusion_fits(got, dt), "%s fits(0x%04x)", dtype_name(dt),
+              (unsigned)b);
+    }
+    CHECK(bad_load == 0, "%s: %" PRId64 " encodings load wrongly",
+          dtype_name(dt), bad_load);
+    CHECK(bad_trip == 0, "%s: %" PRId64 " finite values do not round-trip",
+          dtype_name(dt), bad_trip);
+
+    for (uint16_t b = 0; b < top; b++) {
+        double v0 = ref_decode(dt, b), v1 = ref_decode(dt, b + 1);
+        double mid = v0 + (v1 - v0) / 2; /* exact: a few more bits */
+        uint16_t even = (b & 1) ? (uint16_t)(b + 1) : b;
+        for (int s = 0; s < 2; s++) {
+            double sign = s ? -1.0 : 1.0;
+            uint16_t sb = s ? 0x8000 : 0;
+            unsigned char out[2];
+            fusion_store(out, dt, sign * mid);
+            bad_mid += read_bits(out, dt) != (uint64_t)(sb | even);
+            fusion_store(out, dt, sign * nextafter(mid, 0.0));
+            bad_near += read_bits(out, dt) != (uint64_t)(sb | b);
+            fusion_store(out, dt, sign * nextafter(mid, INFINITY));
+            bad_near += read_bits(out, dt) != (uint64_t)(sb | (b + 1));
+            /* The reference rounding must agree, or the fold tests that
+             * rely on it prove nothing. */
+            bad_ref += ref_round(dt, (quad)(sign * mid)) != (sb | even);
+        }
+    }
+    CHECK(bad_mid == 0, "%s: %" PRId64 " midpoints not rounded to even",
+          dtype_name(dt), bad_mid);
+    CHECK(bad_near == 0,
+          "%s: %" PRId64 " values next to a midpoint not rounded to nearest",
+          dtype_name(dt), bad_near);
+    CHECK(bad_ref == 0,
+          "%s: the reference rounding is wrong %" PRId64 " times",
+          dtype_name(dt), bad_ref);
+}
+
+static void
+test_f16_exhaustive(void)
+{
+    check_16bit_format(FUSION_DTYPE_F16);
+}
+
+static void
+test_bf16_exhaustive(void)
+{
+    check_16bit_format(FUSION_DTYPE_BF16);
+}
+
+static uint64_t
+store_bits(fusion_dtype dt, double x)
+{
+    unsigned char out[8] = {0};
+    fusion_store(out, dt, x);
+    return read_bits(out, dt);
+}
+
+static void
+test_overflow_thresholds(void)
+{
+    /* The largest finite value plus half an ULP is a tie that rounds to
+     * infinity (the largest finite significand is odd). */
+    struct {
+        fusion_dtype dt;
+        double threshold;
+        uint64_t max_bits;
+    } cases[] = {
+        {FUSION_DTYPE_F16, 65520.0, 0x7BFF},
+        {FUSION_DTYPE_BF16, 0x1.ffp+127, 0x7F7F},
+        {FUSION_DTYPE_F32, 0x1.ffffffp+127, 0x7F7FFFFF},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        fusion_dtype dt = cases[i].dt;
+        double t = cases[i].threshold, below = nextafter(t, 0.0);
+        uint64_t sign = (uint64_t)1 << (8 * esize(dt) - 1);
+        CHECK(ref_round(dt, (quad)t) == (cases[i].max_bits + 1),
+              "%s: reference threshold", dtype_name(dt));
+        CHECK(!fusion_fits(t, dt), "%s: fits(%a)", dtype_name(dt), t);
+        CHECK(!fusion_fits(-t, dt), "%s: fits(%a)", dtype_name(dt), -t);
+        CHECK(fusion_fits(below, dt), "%s: fits(%a)", dtype_name(dt), below);
+        CHECK(fusion_fits(-below, dt), "%s: fits(%a)", dtype_name(dt), -below);
+        CHECK(store_bits(dt, below) == cases[i].max_bits, "%s: store(%a)",
+              dtype_name(dt), below);
+        CHECK(store_bits(dt, -below) == (sign | cases[i].max_bits),
+              "%s: store(%a)", dtype_name(dt), -below);
+        CHECK(!fusion_fits(1e300, dt), "%s: fits(1e300)", dtype_name(dt));
+    }
+    for (size_t i = 0; i < 4; i++) {
+        fusion_dtype dt = ALL_DTYPES[i];
+        CHECK(!fusion_fits(INFINITY, dt), "%s: fits(inf)", dtype_name(dt));
+        CHECK(!fusion_fits(-INFINITY, dt), "%s: fits(-inf)", dtype_name(dt));
+        CHECK(!fusion_fits(NAN, dt), "%s: fits(nan)", dtype_name(dt));
+        CHECK(fusion_fits(0.0, dt), "%s: fits(0)", dtype_name(dt));
+    }
+    CHECK(fusion_fits(DBL_MAX, FUSION_DTYPE_F64), "f64: fits(DBL_MAX)");
+    CHECK(!fusion_fits(1.0, FUSION_DTYPE_NONE), "none: fits(1)");
+}
+
+static void
+test_subnormals_and_tiny(void)
+{
+    struct {
+        fusion_dtype dt;
+        double min_sub;
+    } cases[] = {{FUSION_DTYPE_F16, 0x1p-24}, {FUSION_DTYPE_BF16, 0x1p-133}};
+    for (size_t i = 0; i < 2; i++) {
+        fusion_dtype dt = cases[i].dt;
+        double m = cases[i].min_sub;
+        /* Half the smallest subnormal is a tie between 0 (even) and it. */
+        CHECK(store_bits(dt, m / 2) == 0, "%s: store(min_sub / 2)",
+              dtype_name(dt));
+        CHECK(store_bits(dt, -m / 2) == 0x8000, "%s: store(-min_sub / 2)",
+              dtype_name(dt));
+        CHECK(store_bits(dt, nextafter(m / 2, 1.0)) == 1,
+              "%s: store(just above min_sub / 2)", dtype_name(dt));
+        CHECK(store_bits(dt, 1.5 * m) == 2, "%s: store(1.5 min_sub)",
+              dtype_name(dt));
+        CHECK(store_bits(dt, 2.5 * m) == 2, "%s: store(2.5 min_sub)",
+              dtype_name(dt));
+        CHECK(store_bits(dt, 1e-300) == 0, "%s: store(1e-300)",
+              dtype_name(dt));
+        CHECK(store_bits(dt, -0x1p-1074) == 0x8000,
+              "%s: store(-smallest double)", dtype_name(dt));
+        CHECK(store_bits(dt, -0.0) == 0x8000, "%s: store(-0)", dtype_name(dt));
+    }
+    /* float32 subnormals come from the conversion itself. */
+    CHECK(store_bits(FUSION_DTYPE_F32, 0x1p-150) == 0, "f32: store(2^-150)");
+    CHECK(store_bits(FUSION_DTYPE_F32, 0x1.8p-149) == 2,
+          "f32: store(1.5 * 2^-149)");
+}
+
+/* fusion_store against the reference on random doubles over each format's
+ * whole exponent range, overflow and underflow included. */
+static void
+test_store_random(void)
+{
+    struct {
+        fusion_dtype dt;
+        int emin, emax;
+    } cases[] = {{FUSION_DTYPE_F16, -30, 17},
+                 {FUSION_DTYPE_BF16, -140, 129},
+                 {FUSION_DTYPE_F32, -155, 129},
+                 {FUSION_DTYPE_F64, -1074, 1023}};
+    for (size_t i = 0; i < 4; i++) {
+        fusion_dtype dt = cases[i].dt;
+        int64_t bad = 0, bad_fits = 0;
+        for (int k = 0; k < 40000; k++) {
+            double x = ldexp(1.0 + rng_unit(),
+                             (int)rng_int(cases[i].emin, cases[i].emax));
+            if (k & 1) {
+                x = -x;
+            }
+            if (k % 7 == 0) {
+                /* A short significand makes ties and exact values likely. */
+                x = ldexp(floor(ldexp(x, -ilogb(x) + 12)), ilogb(x) - 12);
+            }
+            uint64_t want = ref_round(dt, (quad)x);
+            int want_fits = isfinite(ref_decode(dt, want));
+            bad_fits += fusion_fits(x, dt) != want_fits;
+            if (want_fits) {
+                bad += store_bits(dt, x) != want;
+                bad += fusion_load(&(uint64_t){want}, dt) !=
+                       ref_decode(dt, want);
+            }
+        }
+        CHECK(bad == 0, "%s: %" PRId64 " of 40000 stores differ",
+              dtype_name(dt), bad);
+        CHECK(bad_fits == 0, "%s: fusion_fits wrong %" PRId64 " times",
+              dtype_name(dt), bad_fits);
+    }
+}
+
+static void
+test_dtype_basics(void)
+{
+    CHECK(fusion_dtype_size(FUSION_DTYPE_F16) == 2, "f16 size");
+    CHECK(fusion_dtype_size(FUSION_DTYPE_BF16) == 2, "bf16 size");
+    CHECK(fusion_dtype_size(FUSION_DTYPE_F32) == 4, "f32 size");
+    CHECK(fusion_dtype_size(FUSION_DTYPE_F64) == 8, "f64 size");
+    CHECK(fusion_dtype_size(FUSION_DTYPE_NONE) == 0, "none size");
+    CHECK(fusion_dtype_size((fusion_dtype)9) == 0, "bad dtype size");
+    double d = 1.0;
+    CHECK(isnan(fusion_load(&d, FUSION_DTYPE_NONE)), "load(none)");
+    unsigned char nan16[2] = {0x01, 0x7C}; /* 0x7C01: a signalling NaN */
+    CHECK(isnan(fusion_load(nan16, FUSION_DTYPE_F16)), "load(f16 nan)");
+    unsigned char untouched[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    unsigned char copy[8];
+    memcpy(copy, untouched, 8);
+    fusion_store(untouched, FUSION_DTYPE_NONE, 1.0);
+    CHECK(memcmp(copy, untouched, 8) == 0, "store(none) writes nothing");
+    for (int s = 0; s <= FUSION_E_OVERLAP; s++) {
+        const char *msg = fusion_status_str((fusion_status)s);
+        CHECK(msg != NULL && strcmp(msg, "unknown status") != 0,
+              "status %d has no message", s);
+    }
+    CHECK(strcmp(fusion_status_str((fusion_status)99), "unknown status") == 0,
+          "an unknown status");
+}
+
+/* ------------------------------------------------------------------------ */
+/* Strided tensors with their own storage.                                  */
+
+enum {
+    LAYOUT_CONTIGUOUS = 0,
+    LAYOUT_PERMUTED = 1, /* channels-last for >= 3 dims, transposed for 2 */
+    LAYOUT_OFFSET = 2,   /* a view at a storage offset inside a larger one */
+    LAYOUT_GAPS = 3,     /* permuted, with gaps between elements and rows,
+                          * at an offset */
+    LAYOUT_COUNT = 4
+};
+
+static const char *LAYOUT_NAMES[LAYOUT_COUNT] = {"contiguous", "permuted",
+                                                 "offset", "gaps"};
+
+typedef struct {
+    fusion_dtype dtype;
+    int64_t numel;         /* elements of the view */
+    int64_t storage_numel; /* elements of the storage */
+    unsigned char *storage;
+    unsigned char *snapshot;
+    char *in_view; /* per storage element: does the view reach it */
+    fusion_view v;
+} tensor;
+
+static void
+tensor_free(tensor *t)
+{
+    free(t->storage);
+    free(t->snapshot);
+    free(t->in_view);
+    memset(t, 0, sizeof *t);
+}
+
+/* Storage offset of the element at flat (row-major) index i. */
+static int64_t
+tensor_offset(const tensor *t, int64_t i)
+{
+    int64_t off = 0;
+    for (int d = t->v.ndim - 1; d >= 0; d--) {
+        int64_t size = t->v.sizes[d];
+        off += (i % size) * t->v.strides[d];
+        i /= size;
+    }
+    return off;
+}
+
+static unsigned char *
+tensor_ptr(const tensor *t, int64_t flat)
+{
+    return (unsigned char *)t->v.data +
+           tensor_offset(t, flat) * (int64_t)esize(t->dtype);
+}
+
+static double
+tensor_get(const tensor *t, int64_t flat)
+{
+    return ref_decode(t->dtype, read_bits(tensor_ptr(t, flat), t->dtype));
+}
+
+static void
+tensor_set(tensor *t, int64_t flat, double x)
+{
+    write_bits(tensor_ptr(t, flat), t->dtype, bits_of_double(t->dtype, x));
+}
+
+/* Makes a tensor of the given sizes and layout, every storage element set
+ * to the sentinel NaN; the caller fills the view. */
+static void
+tensor_make(tensor *t, fusion_dtype dt, int ndim, const int64_t *sizes,
+            int layout)
+{
+    memset(t, 0, sizeof *t);
+    t->dtype = dt;
+    t->v.dtype = dt;
+    t->v.ndim = ndim;
+    int order[FUSION_MAX_DIMS]; /* memory order, outermost first */
+    for (int d = 0; d < ndim; d++) {
+        order[d] = d;
+    }
+    int permuted = layout == LAYOUT_PERMUTED || layout == LAYOUT_GAPS;
+    if (permuted && ndim == 2) {
+        order[0] = 1;
+        order[1] = 0;
+    }
+    else if (permuted && ndim >= 3) {
+        for (int k = 1; k < ndim - 1; k++) {
+            order[k] = k + 1;
+        }
+        order[ndim - 1] = 1;
+    }
+    int gaps = layout == LAYOUT_GAPS;
+    int64_t stride = gaps ? 2 : 1, span = 0;
+    t->numel = 1;
+    for (int k = ndim - 1; k >= 0; k--) {
+        int d = order[k];
+        int64_t size = sizes[d];
+        t->v.sizes[d] = size;
+        t->v.strides[d] = stride;
+        t->numel *= size;
+        span += (size > 0 ? size - 1 : 0) * stride;
+        stride = stride * (size > 0 ? size : 1) + (gaps ? 3 : 0);
+    }
+    int64_t offset = layout >= LAYOUT_OFFSET ? 5 + rng_int(0, 3) : 0;
+    int64_t tail = layout >= LAYOUT_OFFSET ? 4 : 0;
+    t->storage_numel = offset + span + 1 + tail;
+    size_t es = esize(dt);
+    t->storage = xcalloc((size_t)t->storage_numel, es);
+    t->snapshot = xcalloc((size_t)t->storage_numel, es);
+    t->in_view = xcalloc((size_t)t->storage_numel, 1);
+    for (int64_t k = 0; k < t->storage_numel; k++) {
+        write_bits(t->storage + k * es, dt, sentinel_bits(dt));
+    }
+    t->v.data = t->storage + offset * (int64_t)es;
+    t->v.lo = -offset;
+    t->v.hi = t->storage_numel - offset;
+    for (int64_t i = 0; i < t->numel; i++) {
+        t->in_view[offset + tensor_offset(t, i)] = 1;
+    }
+}
+
+static void
+vector_make(tensor *t, fusion_dtype dt, int64_t n, int layout)
+{
+    /* A 1-D "permutation" is a strided slice, like bn.running_mean[::2]. */
+    int layout1 = layout == LAYOUT_PERMUTED ? LAYOUT_GAPS : layout;
+    tensor_make(t, dt, 1, &n, layout1);
+}
+
+static void
+tensor_snapshot(tensor *t)
+{
+    if (t->storage != NULL) {
+        memcpy(t->snapshot, t->storage,
+               (size_t)t->storage_numel * esize(t->dtype));
+    }
+}
+
+static int
+tensor_unchanged(const tensor *t)
+{
+    return t->storage == NULL ||
+           memcmp(t->snapshot, t->storage,
+                  (size_t)t->storage_numel * esize(t->dtype)) == 0;
+}
+
+/* True when no storage element outside the view changed since the
+ * snapshot. */
+static int
+tensor_outside_unchanged(const tensor *t)
+{
+    size_t es = esize(t->dtype);
+    for (int64_t k = 0; k < t->storage_numel; k++) {
+        if (!t->in_view[k] &&
+            memcmp(t->snapshot + k * es, t->storage + k * es, es) != 0) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* A random value of dt: the usual range of weights and statistics, with
+ * every significand bit of the dtype random. */
+static double
+random_value(fusion_dtype dt, double scale)
+{
+    double x = rng_normal() * scale;
+    return ref_decode(dt, bits_of_double(dt, x));
+}
+
+/* ------------------------------------------------------------------------ */
+/* The fold fixture, set up exactly as csrc/module.c does it.               */
+
+enum { MAP_AFTER_AXIS0, MAP_AFTER_GROUPED, MAP_BEFORE_GROUPED, MAP_COUNT };
+
+static const char *MAP_NAMES[MAP_COUNT] = {"after/axis0", "after/grouped",
+                                           "before/grouped"};
+
+typedef struct {
+    fusion_dtype wdt, bdt, sdt; /* weight, biases, statistics */
+    int map, layout, ndim;
+    int64_t sizes[FUSION_MAX_DIMS];
+    int64_t groups;
+    int bias;       /* 0: none, 1: separate bias_out, 2: bias_out is bias_in */
+    int affine;     /* bit 0: norm weight, bit 1: norm bias */
+    int post;       /* 0: none; else 1 + post affine bits */
+    double eps, post_eps;
+} fold_case;
+
+typedef struct {
+    fold_case c;
+    tensor w, bias_in, bias_out, mean, var, gamma, beta;
+    tensor pmean, pvar, pgamma, pbeta;
+    fusion_norm norm, post;
+    fusion_fold fold;
+    int64_t channels, d_out;
+    double *scale, *shift, *post_scale, *post_shift, *new_bias;
+} fixture;
+
+static void
+fixture_free(fixture *f)
+{
+    tensor *all[] = {&f->w,    &f->bias_in, &f->bias_out, &f->mean,
+                     &f->var,  &f->gamma,   &f->beta,     &f->pmean,
+                     &f->pvar, &f->pgamma,  &f->pbeta};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        /* An aliased bias_out shares bias_in's storage. */
+        if (all[i] == &f->bias_out && f->c.bias == 2) {
+            continue;
+        }
+        tensor_free(all[i]);
+    }
+    free(f->scale);
+    free(f->shift);
+    free(f->post_scale);
+    free(f->post_shift);
+    free(f->new_bias);
+}
+
+static void
+fill_norm(tensor *mean, tensor *var, tensor *gamma, tensor *beta,
+          fusion_dtype dt, int64_t n, int layout, int affine)
+{
+    vector_make(mean, dt, n, layout);
+    vector_make(var, dt, n, layout);
+    for (int64_t i = 0; i < n; i++) {
+        tensor_set(mean, i, random_value(dt, 1.0));
+        /* Positive, from near zero to a few units. */
+        tensor_set(var, i, exp(rng_normal() * 1.5) * 0.5);
+    }
+    if (affine & 1) {
+        vector_make(gamma, dt, n, layout);
+        for (int64_t i = 0; i < n; i++) {
+            tensor_set(gamma, i, random_value(dt, 1.0));
+        }
+    }
+    if (affine & 2) {
+        vector_make(beta, dt, n, layout);
+        for (int64_t i = 0; i < n; i++) {
+            tensor_set(beta, i, random_value(dt, 1.0));
+        }
+    }
+}
+
+/* Builds the tensors and the fold for a case, without calling the core. */
+static void
+fixture_make(fixture *f, const fold_case *c)
+{
+    memset(f, 0, sizeof *f);
+    f->c = *c;
+    tensor_make(&f->w, c->wdt, c->ndim, c->sizes, c->layout);
+    for (int64_t i = 0; i < f->w.numel; i++) {
+        double x = random_value(c->wdt, 0.5);
+        if (rng_int(0, 40) == 0) {
+            x = rng_int(0, 1) ? 0.0 : -0.0;
+        }
+        tensor_set(&f->w, i, x);
+    }
+    int64_t d0 = c->sizes[0], d1 = c->sizes[1];
+    int before = c->map == MAP_BEFORE_GROUPED;
+    f->channels = c->map == MAP_AFTER_AXIS0 ? d0 : c->groups * d1;
+    f->d_out = before ? d0 : f->channels;
+    if (c->bias != 0) {
+        vector_make(&f->bias_in, c->bdt, f->d_out, c->layout);
+        for (int64_t i = 0; i < f->d_out; i++) {
+            tensor_set(&f->bias_in, i, random_value(c->bdt, 1.0));
+        }
+    }
+    if (c->bias == 2) {
+        f->bias_out = f->bias_in;
+    }
+    else {
+        /* As the Python layer does for a producer without a bias: zeros. */
+        vector_make(&f->bias_out, c->bdt, f->d_out,
+                    (c->layout + 1) % LAYOUT_COUNT);
+        for (int64_t i = 0; i < f->d_out; i++) {
+            tensor_set(&f->bias_out, i, 0.0);
+        }
+    }
+    fill_norm(&f->mean, &f->var, &f->gamma, &f->beta, c->sdt, f->channels,
+              c->layout, c->affine);
+    f->norm.mean = f->mean.v;
+    f->norm.var = f->var.v;
+    f->norm.weight = f->gamma.v;
+    f->norm.bias = f->beta.v;
+    f->norm.eps = c->eps;
+    if (c->post) {
+        fill_norm(&f->pmean, &f->pvar, &f->pgamma, &f->pbeta, c->sdt,
+                  f->d_out, (c->layout + 2) % LAYOUT_COUNT, c->post - 1);
+        f->post.mean = f->pmean.v;
+        f->post.var = f->pvar.v;
+        f->post.weight = f->pgamma.v;
+        f->post.bias = f->pbeta.v;
+        f->post.eps = c->post_eps;
+    }
+    f->fold.weight = f->w.v;
+    f->fold.bias_in = f->bias_in.v; /* dtype NONE when absent */
+    f->fold.bias_out = f->bias_out.v;
+    f->fold.direction = before ? FUSION_NORM_BEFORE : FUSION_NORM_AFTER;
+    f->fold.map = c->map == MAP_AFTER_AXIS0 ? FUSION_AXIS0 : FUSION_GROUPED;
+    f->fold.groups = c->groups;
+    size_t nc = (size_t)(f->channels > 0 ? f->channels : 1);
+    size_t no = (size_t)(f->d_out > 0 ? f->d_out : 1);
+    f->scale = xcalloc(nc, sizeof(double));
+    f->shift = xcalloc(nc, sizeof(double));
+    f->post_scale = xcalloc(no, sizeof(double));
+    f->post_shift = xcalloc(no, sizeof(double));
+    f->new_bias = xcalloc(no, sizeof(double));
+}
+
+static void
+fixture_snapshot(fixture *f)
+{
+    tensor *all[] = {&f->w,    &f->bias_in, &f->bias_out, &f->mean,
+                     &f->var,  &f->gamma,   &f->beta,     &f->pmean,
+                     &f->pvar, &f->pgamma,  &f->pbeta};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        tensor_snapshot(all[i]);
+    }
+}
+
+static int
+fixture_unchanged(const fixture *f)
+{
+    const tensor *all[] = {&f->w,    &f->bias_in, &f->bias_out, &f->mean,
+                           &f->var,  &f->gamma,   &f->beta,     &f->pmean,
+                           &f->pvar, &f->pgamma,  &f->pbeta};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
+        if (!tensor_unchanged(all[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The module.c sequence up to the check: both norms' affine maps, then
+ * fusion_fold_check. Returns the first failing status. */
+static fusion_status
+fixture_check(fixture *f, fusion_where *where)
+{
+    where->what = NULL;
+    where->index = -1;
+    where->value = 0.0;
+    fusion_status st = fusion_norm_affine(&f->norm, f->channels, f->scale,
+                                          f->shift, where);
+    if (st != FUSION_OK) {
+        return st;
+    }
+    f->fold.norm = &f->norm;
+    f->fold.scale = f->scale;
+    f->fold.shift = f->shift;
+    if (f->c.post) {
+        st = fusion_norm_affine(&f->post, f->d_out, f->post_scale,
+                                f->post_shift, where);
+        if (st != FUSION_OK) {
+            return st;
+        }
+        f->fold.post = &f->post;
+        f->fold.post_scale = f->post_scale;
+        f->fold.post_shift = f->post_shift;
+    }
+    return fusion_fold_check(&f->fold, f->new_bias, where);
+}
+
+/* The exact affine map of one channel of a norm, from its stored values. */
+static void
+ref_affine(const tensor *mean, const tensor *var, const tensor *gamma,
+           const tensor *beta, double eps, int64_t c, quad *s, quad *t)
+{
+    quad g = gamma->storage ? (quad)tensor_get(gamma, c) : 1;
+    quad b = beta->storage ? (quad)tensor_get(beta, c) : 0;
+    quad denom = (quad)tensor_get(var, c) + (quad)eps;
+    *s = g / quad_sqrt(denom);
+    *t = b - (quad)tensor_get(mean, c) * *s;
+}
+
+/* Precision tallies, per weight dtype. */
+typedef struct {
+    int64_t values, identical, max_ulp;
+    int64_t conditioned; /* biases over 1 ULP, within float64's resolution */
+} tally;
+
+static tally g_tally[5];
+
+/* Compares the fused weight and bias with the reference. Call after a
+ * successful check and apply, with the snapshot taken before them. */
+static void
+fixture_verify(fixture *f)
+{
+    const fold_case *c = &f->c;
+    tally *ty = &g_tally[c->wdt];
+    quad *s = xcalloc((size_t)(f->channels + 1), sizeof(quad));
+    quad *t = xcalloc((size_t)(f->channels + 1), sizeof(quad));
+    quad *ps = xcalloc((size_t)(f->d_out + 1), sizeof(quad)); /* post */
+    quad *pt = xcalloc((size_t)(f->d_out + 1), sizeof(quad));
+    quad *bias = xcalloc((size_t)(f->d_out + 1), sizeof(quad));
+    quad *bias_mag = xcalloc((size_t)(f->d_out + 1), sizeof(quad));
+    quad *m = xcalloc((size_t)(f->channels + 1), sizeof(quad));
+    quad *be = xcalloc((size_t)(f->channels + 1), sizeof(quad));
+    for (int64_t ch = 0; ch < f->channels; ch++) {
+        ref_affine(&f->mean, &f->var, &f->gamma, &f->beta, c->eps, ch, &s[ch],
+                   &t[ch]);
+        /* |mean * s| and |beta|: the magnitudes that the shift cancels. */
+        m[ch] = quad_abs(tensor_get(&f->mean, ch) * s[ch]);
+        be[ch] = f->beta.storage ? quad_abs(tensor_get(&f->beta, ch)) : 0;
+    }
+    for (int64_t o = 0; o < f->d_out; o++) {
+        ps[o] = 1;
+        if (c->post) {
+            ref_affine(&f->pmean, &f->pvar, &f->pgamma, &f->pbeta, c->post_eps,
+                       o, &ps[o], &pt[o]);
+        }
+    }
+    /* The weight, read back through its original values in the snapshot. */
+    tensor orig = f->w;
+    orig.v.data =
+        orig.snapshot + ((unsigned char *)f->w.v.data - f->w.storage);
+    int64_t d0 = c->sizes[0], d1 = c->sizes[1];
+    int64_t inner = d0 * d1 > 0 ? f->w.numel / (d0 * d1) : 0;
+    int64_t a = d0 / c->groups;
+    int before = c->map == MAP_BEFORE_GROUPED;
+    int64_t worst = 0, worst_at = -1;
+    char detail[256] = "";
+    for (int64_t i = 0; i < f->w.numel; i++) {
+        int64_t i0 = i / (d1 * inner), i1 = (i / inner) % d1;
+        int64_t ch = c->map == MAP_AFTER_AXIS0 ? i0 : (i0 / a) * d1 + i1;
+        quad w = tensor_get(&orig, i);
+        /* Only a fold before a layer has a post norm, along dim 0. */
+        quad want = c->post ? w * s[ch] * ps[i0] : w * s[ch];
+        if (before) {
+            bias[i0] += w * t[ch];
+            bias_mag[i0] += quad_abs(w) * (quad_abs(m[ch]) + quad_abs(be[ch]));
+        }
+        uint64_t wb = ref_round(c->wdt, want);
+        uint64_t got = read_bits(tensor_ptr(&f->w, i), c->wdt);
+        int64_t u = ulp_distance(c->wdt, got, wb);
+        ty->values++;
+        ty->identical += u == 0;
+        if (u > worst) {
+            worst = u;
+            worst_at = i;
+            snprintf(detail, sizeof detail,
+                     "i0=%" PRId64 " i1=%" PRId64 " channel %" PRId64
+                     " w=%.17g: got %.17g, want %.17g",
+                     i0, i1, ch, (double)w, ref_decode(c->wdt, got),
+                     ref_decode(c->wdt, wb));
+        }
+    }
+    CHECK(worst <= 1 || !precision_asserted(c->wdt),
+          "weight[%" PRId64 "] is %" PRId64 " ULP from exact (%s)", worst_at,
+          worst, detail);
+    ty->max_ulp = worst > ty->max_ulp ? worst : ty->max_ulp;
+
+    tensor orig_b = f->bias_in;
+    if (c->bias) {
+        orig_b.v.data =
+            orig_b.snapshot +
+            ((unsigned char *)f->bias_in.v.data - f->bias_in.storage);
+    }
+    worst = 0;
+    worst_at = -1;
+    for (int64_t o = 0; o < f->d_out; o++) {
+        quad b = c->bias ? (quad)tensor_get(&orig_b, o) : 0;
+        quad want, mag;
+        if (before) {
+            want = b + bias[o];
+            mag = quad_abs(b) + bias_mag[o];
+            if (c->post) {
+                quad pm = tensor_get(&f->pmean, o);
+                quad pb = f->pbeta.storage ? (quad)tensor_get(&f->pbeta, o)
+                                           : 0;
+                want = (want - pm) * ps[o] + pb;
+                mag = (mag + quad_abs(pm)) * quad_abs(ps[o]) + quad_abs(pb);
+            }
+        }
+        else {
+            quad m = tensor_get(&f->mean, o);
+            quad be = f->beta.storage ? (quad)tensor_get(&f->beta, o) : 0;
+            want = (b - m) * s[o] + be;
+            mag = (quad_abs(b) + quad_abs(m)) * quad_abs(s[o]) + quad_abs(be);
+        }
+        uint64_t wb = ref_round(c->bdt, want);
+        uint64_t got = read_bits(tensor_ptr(&f->bias_out, o), c->bdt);
+        int64_t u = ulp_distance(c->bdt, got, wb);
+        if (u > 1) {
+            /* A bias is a sum that may cancel. Where it does, float64
+             * arithmetic resolves it to 2^-53 of the magnitudes that
+             * cancel, not of the result: DESIGN.md's "in float64 (good to
+             * about 1e-16)". That shows only in a float64 bias. */
+            quad err = quad_abs((quad)ref_decode(c->bdt, got) - want);
+            if (err <= mag * (quad)0x1p-52) {
+                g_tally[c->bdt].conditioned++;
+                u = 1;
+            }
+        }
+        g_tally[c->bdt].values++;
+        g_tally[c->bdt].identical += u == 0;
+        if (u > worst) {
+            worst = u;
+            worst_at = o;
+        }
+    }
+    CHECK(worst <= 1 || !precision_asserted(c->bdt),
+          "bias[%" PRId64 "] is %" PRId64 " ULP from exact", worst_at, worst);
+    if (worst > g_tally[c->bdt].max_ulp) {
+        g_tally[c->bdt].max_ulp = worst;
+    }
+    /* Nothing outside the views was written, and nothing that is only
+     * read. */
+    CHECK(tensor_outside_unchanged(&f->w), "weight storage outside the view");
+    CHECK(tensor_outside_unchanged(&f->bias_out),
+          "bias_out storage outside the view");
+    if (c->bias == 1) {
+        CHECK(tensor_unchanged(&f->bias_in), "bias_in was written");
+    }
+    const tensor *ro[] = {&f->mean,  &f->var,  &f->gamma,  &f->beta,
+                          &f->pmean, &f->pvar, &f->pgamma, &f->pbeta};
+    for (size_t k = 0; k < sizeof ro / sizeof ro[0]; k++) {
+        CHECK(tensor_unchanged(ro[k]), "a norm tensor was written");
+    }
+    free(s);
+    free(t);
+    free(ps);
+    free(pt);
+    free(bias);
+    free(bias_mag);
+    free(m);
+    free(be);
+}
+
+/* Runs one case: check must succeed and write nothing; apply must write
+ * the reference. */
+static void
+run_case(const fold_case *c)
+{
+    fixture f;
+    fixture_make(&f, c);
+    fixture_snapshot(&f);
+    fusion_where where;
+    fusion_status st = fixture_check(&f, &where);
+    CHECK(st == FUSION_OK, "check: %s (%s[%" PRId64 "] = %g)",
+          fusion_status_str(st), where.what ? where.what : "-", where.index,
+          where.value);
+    CHECK(fixture_unchanged(&f), "the check phase wrote a tensor");
+    CHECK(fusion_fold_channels(&f.fold) == f.channels, "channels");
+    CHECK(fusion_fold_out_channels(&f.fold) == f.d_out, "out channels");
+    if (st == FUSION_OK) {
+        fusion_fold_apply(&f.fold, f.new_bias);
+        fixture_verify(&f);
+    }
+    fixture_free(&f);
+}
+
+/* Shapes: a conv or linear weight [C_out, C_in/G, k...] for the two maps
+ * that read it that way, a ConvTranspose weight [C_in, C_out/G, k...] for
+ * after/grouped. groups_kind: 0 plain, 1 grouped, 2 depthwise. */
+static void
+case_shape(fold_case *c, int groups_kind)
+{
+    c->ndim = (int)rng_int(2, 5);
+    int64_t g = groups_kind == 0 ? 1 : groups_kind == 1 ? rng_int(2, 4)
+                                                        : rng_int(2, 6);
+    int64_t per_group_0 = groups_kind == 2 ? 1 : rng_int(1, 4);
+    int64_t d1 = groups_kind == 2 ? 1 : rng_int(1, 5);
+    c->groups = g;
+    c->sizes[0] = g * per_group_0;
+    c->sizes[1] = d1;
+    for (int d = 2; d < c->ndim; d++) {
+        c->sizes[d] = rng_int(1, 3);
+    }
+}
+
+static void
+test_fold_sweep(void)
+{
+    static const double EPS[3] = {1e-5, 1e-3, 0.0};
+    char name[256];
+    for (int di = 0; di < 4; di++) {
+        for (int map = 0; map < MAP_COUNT; map++) {
+            int posts = map == MAP_BEFORE_GROUPED ? 5 : 1;
+            for (int post = 0; post < posts; post++) {
+                for (int layout = 0; layout < LAYOUT_COUNT; layout++) {
+                    for (int gk = 0; gk < 3; gk++) {
+                        for (int bias = 0; bias < 3; bias++) {
+                            for (int affine = 0; affine < 4; affine++) {
+                                fold_case c;
+                                memset(&c, 0, sizeof c);
+                                c.wdt = c.bdt = c.sdt = ALL_DTYPES[di];
+                                /* Mixed precision now and then: float32
+                                 * statistics under a narrower weight. */
+                                if (rng_int(0, 4) == 0) {
+                                    c.sdt = FUSION_DTYPE_F32;
+                                }
+                                c.map = map;
+                                c.layout = layout;
+                                c.bias = bias;
+                                c.affine = affine;
+                                c.post = post;
+                                c.eps = EPS[rng_int(0, 2)];
+                                c.post_eps = EPS[rng_int(0, 2)];
+                                case_shape(&c, gk);
+                                snprintf(name, sizeof name,
+                                         "fold %s %s post=%d %s "
+                                         "groups=%" PRId64
+                                         " ndim=%d bias=%d affine=%d",
+                                         dtype_name(c.wdt), MAP_NAMES[map],
+                                         post, LAYOUT_NAMES[layout], c.groups,
+                                         c.ndim, bias, affine);
+                                test_begin(name);
+                                run_case(&c);
+                                test_end();
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Larger folds, for a meaningful share of identical values per dtype. */
+static void
+test_fold_large(void)
+{
+    for (int di = 0; di < 4; di++) {
+        for (int map = 0; map < MAP_COUNT; map++) {
+            fold_case c;
+            memset(&c, 0, sizeof c);
+            c.wdt = c.bdt = c.sdt = ALL_DTYPES[di];
+            c.map = map;
+            c.layout = map == 1 ? LAYOUT_GAPS : LAYOUT_PERMUTED;
+            c.ndim = 4;
+            c.groups = 2;
+            c.sizes[0] = 32;
+            c.sizes[1] = 16;
+            c.sizes[2] = 3;
+            c.sizes[3] = 3;
+            c.bias = 1;
+            c.affine = 3;
+            c.post = map == MAP_BEFORE_GROUPED ? 4 : 0;
+            c.eps = 1e-5;
+            c.post_eps = 1e-5;
+            snprintf(g_context, sizeof g_context, "%s %s",
+                     dtype_name(c.wdt), MAP_NAMES[map]);
+            run_case(&c);
+        }
+    }
+}
+
+static void
+test_precision_criterion(void)
+{
+    for (int di = 0; di < 4; di++) {
+        fusion_dtype dt = ALL_DTYPES[di];
+        tally *ty = &g_tally[dt];
+        double share = ty->values ? (double)ty->identical / ty->values : 0.0;
+        printf("precision %-4s: %" PRId64 " values, %.4f%% identical to the "
+               "exact result rounded once, max %" PRId64 " ULP, %" PRId64
+               " cancelling biases within float64 resolution\n",
+               dtype_name(dt), ty->values, 100.0 * share, ty->max_ulp,
+               ty->conditioned);
+        if (!precision_asserted(dt)) {
+            printf("precision %-4s: not asserted: long double arithmetic is "
+                   "no wider than double here (valgrind?)\n",
+                   dtype_name(dt));
+            continue;
+        }
+        /* Beyond float64 only a float64 bias may need that allowance. */
+        CHECK(dt == FUSION_DTYPE_F64 || ty->conditioned == 0,
+              "%s: %" PRId64 " values over 1 ULP", dtype_name(dt),
+              ty->conditioned);
+        CHECK(ty->values >= 10000, "%s: too few values to judge",
+              dtype_name(dt));
+        CHECK(share >= 0.999, "%s: %.4f%% identical, under 99.9%%",
+              dtype_name(dt), 100.0 * share);
+        CHECK(ty->max_ulp <= 1, "%s: %" PRId64 " ULP", dtype_name(dt),
+              ty->max_ulp);
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Hand-made folds with known answers, and error statuses.                  */
+
+/* A small fixture with every value set by the caller afterwards. */
+static void
+simple_case(fold_case *c, fusion_dtype dt, int map, int64_t d0, int64_t d1,
+            int64_t k)
+{
+    memset(c, 0, sizeof *c);
+    c->wdt = c->bdt = c->sdt = dt;
+    c->map = map;
+    c->layout = LAYOUT_CONTIGUOUS;
+    c->ndim = 3;
+    c->sizes[0] = d0;
+    c->sizes[1] = d1;
+    c->sizes[2] = k;
+    c->groups = 1;
+    c->bias = 1;
+    c->affine = 3;
+    c->eps = 0.0;
+}
+
+/* Sets a norm to scale s = gamma (var = 1, eps = 0) and the given mean. */
+static void
+set_norm(tensor *mean, tensor *var, tensor *gamma, tensor *beta, int64_t n,
+         double g, double m, double b)
+{
+    for (int64_t i = 0; i < n; i++) {
+        tensor_set(mean, i, m);
+        tensor_set(var, i, 1.0);
+        if (gamma->storage) {
+            tensor_set(gamma, i, g);
+        }
+        if (beta->storage) {
+            tensor_set(beta, i, b);
+        }
+    }
+}
+
+static void
+fill_all(tensor *t, double x)
+{
+    for (int64_t i = 0; i < t->numel; i++) {
+        tensor_set(t, i, x);
+    }
+}
+
+/* Expects the module.c sequence to fail with st, naming `what`, and to have
+ * written nothing. */
+static void
+expect_failure_at(fixture *f, fusion_status st, const char *what,
+                  int64_t index, int line)
+{
+    fixture_snapshot(f);
+    fusion_where where;
+    fusion_status got = fixture_check(f, &where);
+    CHECK(got == st, "line %d: status %s, expected %s", line,
+          fusion_status_str(got), fusion_status_str(st));
+    if (what != NULL) {
+        CHECK(where.what != NULL && strcmp(where.what, what) == 0,
+              "line %d: where.what = %s, expected %s", line,
+              where.what ? where.what : "NULL", what);
+        CHECK(where.index == index,
+              "line %d: where.index = %" PRId64 ", expected %" PRId64, line,
+              where.index, index);
+    }
+    CHECK(fixture_unchanged(f), "line %d: a failed check wrote a tensor",
+          line);
+}
+
+#define expect_failure(f, st, what, index)                                   \
+    expect_failure_at((f), (st), (what), (index), __LINE__)
+
+static void
+test_nonfinite(void)
+{
+    for (int di = 0; di < 4; di++) {
+        fusion_dtype dt = ALL_DTYPES[di];
+        double bad[3] = {NAN, INFINITY, -INFINITY};
+        for (int bi = 0; bi < 3; bi++) {
+            snprintf(g_context, sizeof g_context, "%s %g", dtype_name(dt),
+                     bad[bi]);
+            struct {
+                int which; /* 0 weight, 1 bias, 2..5 mean var gamma beta */
+                const char *what;
+            } spots[] = {{0, "weight"},       {1, "bias"},
+                         {2, "running_mean"}, {3, "running_var"},
+                         {4, "weight"},       {5, "bias"}};
+            for (size_t k = 0; k < sizeof spots / sizeof spots[0]; k++) {
+                fold_case c;
+                simple_case(&c, dt, MAP_AFTER_AXIS0, 4, 3, 2);
+                fixture f;
+                fixture_make(&f, &c);
+                fill_all(&f.w, 0.5);
+                fill_all(&f.bias_in, 0.25);
+                set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 2.0, 0.5, 1.0);
+                tensor *target[] = {&f.w,   &f.bias_in, &f.mean,
+                                    &f.var, &f.gamma,   &f.beta};
+                int64_t at = spots[k].which == 0 ? 17 : 2;
+                tensor_set(target[spots[k].which], at, bad[bi]);
+                expect_failure(&f, FUSION_E_NONFINITE, spots[k].what, at);
+                fixture_free(&f);
+            }
+        }
+    }
+    /* A non-finite eps. */
+    fold_case c;
+    simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 2, 2, 1);
+    fixture f;
+    fixture_make(&f, &c);
+    set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 2, 1.0, 0.0, 0.0);
+    fill_all(&f.w, 1.0);
+    fill_all(&f.bias_in, 1.0);
+    f.norm.eps = NAN;
+    expect_failure(&f, FUSION_E_NONFINITE, "eps", -1);
+    fixture_free(&f);
+}
+
+static void
+test_variance(void)
+{
+    struct {
+        double var, eps;
+        fusion_status st;
+    } cases[] = {
+        {-1.0, 1e-5, FUSION_E_VARIANCE}, {0.0, 0.0, FUSION_E_VARIANCE},
+        {-0.5, 0.5, FUSION_E_VARIANCE},  {-0.0, 0.0, FUSION_E_VARIANCE},
+        {0.0, 1e-5, FUSION_OK},          {-0.25, 0.5, FUSION_OK},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(g_context, sizeof g_context, "var=%g eps=%g", cases[i].var,
+                 cases[i].eps);
+        fold_case c;
+        simple_case(&c, FUSION_DTYPE_F64, MAP_AFTER_AXIS0, 3, 2, 1);
+        fixture f;
+        fixture_make(&f, &c);
+        set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 3, 1.0, 0.0, 0.0);
+        fill_all(&f.w, 1.0);
+        fill_all(&f.bias_in, 1.0);
+        tensor_set(&f.var, 1, cases[i].var);
+        f.norm.eps = cases[i].eps;
+        if (cases[i].st == FUSION_OK) {
+            fusion_where where;
+            CHECK(fixture_check(&f, &where) == FUSION_OK, "check failed");
+            double want = 1.0 / sqrt(cases[i].var + cases[i].eps);
+            CHECK(f.scale[1] == want, "scale %g, expected %g", f.scale[1],
+                  want);
+        }
+        else {
+            expect_failure(&f, cases[i].st, "running_var", 1);
+        }
+        fixture_free(&f);
+    }
+    /* A variance so small that the scale overflows float64. */
+    fold_case c;
+    simple_case(&c, FUSION_DTYPE_F64, MAP_AFTER_AXIS0, 2, 2, 1);
+    fixture f;
+    fixture_make(&f, &c);
+    set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 2, 1e300, 0.0, 0.0);
+    fill_all(&f.w, 1.0);
+    fill_all(&f.bias_in, 1.0);
+    tensor_set(&f.var, 0, 1e-300);
+    expect_failure(&f, FUSION_E_OVERFLOW, "scale", 0);
+    fixture_free(&f);
+}
+
+static void
+test_overflow(void)
+{
+    struct {
+        fusion_dtype dt;
+        int map;
+        double w, gamma, post_gamma, b, mean;
+        fusion_status st;
+        const char *what;
+    } cases[] = {
+        /* 32752 * 2 = 65504, the largest float16. */
+        {FUSION_DTYPE_F16, MAP_AFTER_AXIS0, 32752, 2.0, 0, 0, 0, FUSION_OK,
+         NULL},
+        /* 2 + 2^-9 is the float16 after 2: 32752 * it = 65568 > 65520. */
+        {FUSION_DTYPE_F16, MAP_AFTER_AXIS0, 32752, 2.001953125, 0, 0, 0,
+         FUSION_E_OVERFLOW, "weight"},
+        {FUSION_DTYPE_F16, MAP_AFTER_AXIS0, -32752, 2.001953125, 0, 0, 0,
+         FUSION_E_OVERFLOW, "weight"},
+        {FUSION_DTYPE_F16, MAP_AFTER_AXIS0, 1.0, 1.5, 0, 50000, 0,
+         FUSION_E_OVERFLOW, "bias"},
+        {FUSION_DTYPE_F16, MAP_AFTER_GROUPED, 40000, 2.0, 0, 0, 0,
+         FUSION_E_OVERFLOW, "weight"},
+        {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 2.5, 0, 0, 0,
+         FUSION_E_OVERFLOW, "weight"},
+        {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 1.75, 0, 0, 0,
+         FUSION_OK, NULL},
+        /* Each factor fits; only their product with the post scale does
+         * not. */
+        {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 1.5, 1.5, 0, 0,
+         FUSION_E_OVERFLOW, "weight"},
+        /* The bias of a fold before a layer sums every weight times the
+         * shift: 3 * 2 * 20000 * (0 - (-1) * 1) + 0 overflows. */
+        {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 20000, 1.0, 0, 0, -1.0,
+         FUSION_E_OVERFLOW, "bias"},
+        {FUSION_DTYPE_BF16, MAP_AFTER_AXIS0, 0x1.fep127, 1.5, 0, 0, 0,
+         FUSION_E_OVERFLOW, "weight"},
+        {FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 3e38, 2.0, 0, 0, 0,
+         FUSION_E_OVERFLOW, "weight"},
+        {FUSION_DTYPE_F64, MAP_AFTER_AXIS0, 1e308, 10.0, 0, 0, 0,
+         FUSION_E_OVERFLOW, "weight"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(g_context, sizeof g_context, "case %zu", i);
+        fold_case c;
+        simple_case(&c, cases[i].dt, cases[i].map, 2, 3, 2);
+        c.post = cases[i].post_gamma != 0 ? 4 : 0;
+        fixture f;
+        fixture_make(&f, &c);
+        fill_all(&f.w, cases[i].w);
+        fill_all(&f.bias_in, cases[i].b);
+        set_norm(&f.mean, &f.var, &f.gamma, &f.beta, f.channels,
+                 cases[i].gamma, cases[i].mean, 0.0);
+        if (c.post) {
+            set_norm(&f.pmean, &f.pvar, &f.pgamma, &f.pbeta, f.d_out,
+                     cases[i].post_gamma, 0.0, 0.0);
+        }
+        if (cases[i].st == FUSION_OK) {
+            fixture_snapshot(&f);
+            fusion_where where;
+            CHECK(fixture_check(&f, &where) == FUSION_OK, "check failed");
+            fusion_fold_apply(&f.fold, f.new_bias);
+            double want = ref_decode(
+                c.wdt, ref_round(c.wdt, (quad)cases[i].w * cases[i].gamma));
+            CHECK(tensor_get(&f.w, 0) == want, "weight %g, expected %g",
+                  tensor_get(&f.w, 0), want);
+        }
+        else {
+            /* The first row or bias element is the first to overflow. */
+            expect_failure(&f, cases[i].st, cases[i].what, 0);
+        }
+        fixture_free(&f);
+    }
+}
+
+static void
+test_shapes_and_arguments(void)
+{
+    fold_case c;
+    fixture f;
+    fusion_where where;
+    double nb[8];
+
+    /* Statistics of the wrong length, or not 1-D. */
+    simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 4, 2, 1);
+    fixture_make(&f, &c);
+    fill_all(&f.w, 1.0);
+    fill_all(&f.bias_in, 1.0);
+    set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 1.0, 0.0, 0.0);
+    f.norm.mean.sizes[0] = 3;
+    expect_failure(&f, FUSION_E_SHAPE, "running_mean", -1);
+    f.norm.mean.sizes[0] = 4;
+    f.norm.var.ndim = 2;
+    f.norm.var.sizes[1] = 1;
+    expect_failure(&f, FUSION_E_SHAPE, "running_var", -1);
+    f.norm.var.ndim = 1;
+    f.norm.weight.sizes[0] = 3; /* shorter, so that it is in bounds */
+    expect_failure(&f, FUSION_E_SHAPE, "weight", -1);
+    f.norm.weight.sizes[0] = 4;
+    f.norm.bias.ndim = 0;
+    expect_failure(&f, FUSION_E_SHAPE, "bias", -1);
+    f.norm.bias.ndim = 1;
+    f.norm.mean.dtype = FUSION_DTYPE_NONE; /* required */
+    expect_failure(&f, FUSION_E_DTYPE, "running_mean", -1);
+    f.norm.mean.dtype = FUSION_DTYPE_F32;
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "restored fixture");
+    CHECK(fusion_norm_affine(NULL, 4, f.scale, f.shift, &where) ==
+              FUSION_E_ARG, "norm NULL");
+    CHECK(fusion_norm_affine(&f.norm, 4, NULL, f.shift, &where) ==
+              FUSION_E_ARG, "scale NULL");
+    CHECK(fusion_norm_affine(&f.norm, -1, f.scale, f.shift, &where) ==
+              FUSION_E_ARG, "channels -1");
+
+    /* Producer biases of the wrong length or rank. */
+    f.fold.bias_in.sizes[0] = 3;
+    expect_failure(&f, FUSION_E_SHAPE, "bias", -1);
+    f.fold.bias_in.sizes[0] = 4;
+    f.fold.bias_out.sizes[0] = 5;
+    expect_failure(&f, FUSION_E_SHAPE, "bias", -1);
+    f.fold.bias_out.sizes[0] = 4;
+    f.fold.bias_out.ndim = 2;
+    f.fold.bias_out.sizes[1] = 1;
+    expect_failure(&f, FUSION_E_SHAPE, "bias", -1);
+    f.fold.bias_out.ndim = 1;
+
+    /* Bad weights. */
+    f.fold.weight.ndim = 1;
+    expect_failure(&f, FUSION_E_SHAPE, NULL, 0);
+    f.fold.weight.ndim = 3;
+    f.fold.weight.dtype = FUSION_DTYPE_NONE;
+    expect_failure(&f, FUSION_E_DTYPE, NULL, 0);
+    f.fold.weight.dtype = (fusion_dtype)7;
+    expect_failure(&f, FUSION_E_DTYPE, NULL, 0);
+    f.fold.weight.dtype = FUSION_DTYPE_F32;
+    f.fold.weight.sizes[2] = -1;
+    expect_failure(&f, FUSION_E_SHAPE, NULL, 0);
+    f.fold.weight.sizes[2] = 1;
+    f.fold.weight.data = NULL;
+    expect_failure(&f, FUSION_E_ARG, NULL, 0);
+    f.fold.weight.data = f.w.v.data;
+
+    /* Bad fold arguments. */
+    CHECK(fusion_fold_check(NULL, nb, &where) == FUSION_E_ARG, "fold NULL");
+    CHECK(fusion_fold_check(&f.fold, NULL, &where) == FUSION_E_ARG,
+          "new_bias NULL");
+    f.fold.direction = FUSION_NORM_BEFORE; /* axis 0 folds only after */
+    expect_failure(&f, FUSION_E_ARG, NULL, 0);
+    f.fold.direction = (fusion_direction)5;
+    expect_failure(&f, FUSION_E_ARG, NULL, 0);
+    f.fold.direction = FUSION_NORM_AFTER;
+    f.fold.map = (fusion_channel_map)3;
+    expect_failure(&f, FUSION_E_ARG, NULL, 0);
+    f.fold.map = FUSION_AXIS0;
+    f.fold.post = &f.norm; /* a post norm needs the norm before */
+    f.fold.post_scale = f.scale;
+    f.fold.post_shift = f.shift;
+    CHECK(fusion_fold_check(&f.fold, f.new_bias, &where) == FUSION_E_ARG,
+          "post after");
+    f.fold.post = NULL;
+    f.fold.post_scale = f.fold.post_shift = NULL;
+    const double *saved = f.fold.scale;
+    f.fold.scale = NULL;
+    CHECK(fusion_fold_check(&f.fold, f.new_bias, &where) == FUSION_E_ARG,
+          "scale NULL");
+    f.fold.scale = saved;
+    f.fold.norm = NULL;
+    CHECK(fusion_fold_check(&f.fold, f.new_bias, &where) == FUSION_E_ARG,
+          "norm NULL");
+    f.fold.norm = &f.norm;
+    CHECK(fusion_fold_channels(NULL) == 0, "channels(NULL)");
+    CHECK(fusion_fold_check(&f.fold, f.new_bias, &where) == FUSION_OK,
+          "restored fold");
+    fixture_free(&f);
+
+    /* Groups that do not divide the weight's first dim, or are not >= 1. */
+    simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_GROUPED, 6, 2, 1);
+    c.groups = 4;
+    fixture_make(&f, &c);
+    CHECK(fusion_fold_channels(&f.fold) == 0, "channels with groups 4 of 6");
+    f.fold.norm = &f.norm;
+    f.fold.scale = f.scale;
+    f.fold.shift = f.shift;
+    CHECK(fusion_fold_check(&f.fold, f.new_bias, &where) == FUSION_E_ARG,
+          "groups 4 of 6");
+    f.fold.groups = 0;
+    CHECK(fusion_fold_check(&f.fold, f.new_bias, &where) == FUSION_E_ARG,
+          "groups 0");
+    f.fold.groups = -3;
+    CHECK(fusion_fold_channels(&f.fold) == 0, "channels with groups -3");
+    f.fold.groups = 3;
+    CHECK(fusion_fold_channels(&f.fold) == 6, "channels with groups 3");
+    fixture_free(&f);
+}
+
+static void
+test_bounds(void)
+{
+    fold_case c;
+    fixture f;
+    simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 4, 3, 2);
+    c.layout = LAYOUT_OFFSET;
+    fixture_make(&f, &c);
+    fill_all(&f.w, 1.0);
+    fill_all(&f.bias_in, 1.0);
+    set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 1.0, 0.0, 0.0);
+    fusion_where where;
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "baseline");
+
+    /* The storage ends one element before the view's last element; then
+     * exactly at it. */
+    int64_t hi = f.fold.weight.hi;
+    f.fold.weight.hi = 4 * 3 * 2 - 1;
+    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    f.fold.weight.hi = 4 * 3 * 2;
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "exact fit");
+    f.fold.weight.hi = hi;
+
+    /* Strides that reach past the end. */
+    f.fold.weight.strides[0] *= 2;
+    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    f.fold.weight.strides[0] /= 2;
+
+    /* A negative stride from a data pointer at the start of the view reaches
+     * below the storage (the offset is 5 to 8 elements, a row is 6). */
+    f.fold.weight.strides[0] = -6;
+    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    /* Spans whose arithmetic overflows int64 are rejected, not wrapped:
+     * (4 - 1) * stride, then the sum of two spans. */
+    f.fold.weight.strides[0] = INT64_MAX / 2 + 1;
+    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    f.fold.weight.strides[0] = INT64_MIN / 2;
+    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    f.fold.weight.strides[0] = INT64_MAX / 3;
+    f.fold.weight.strides[1] = INT64_MAX / 2;
+    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    f.fold.weight.strides[0] = 6;
+    f.fold.weight.strides[1] = 2;
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "restored weight");
+
+    /* Biases and statistics. */
+    f.fold.bias_out.hi = f.fold.bias_out.strides[0] * 3;
+    expect_failure(&f, FUSION_E_BOUNDS, "bias", -1);
+    f.fold.bias_out.hi = f.bias_out.v.hi;
+    f.fold.bias_in.lo = 1;
+    expect_failure(&f, FUSION_E_BOUNDS, "bias", -1);
+    f.fold.bias_in.lo = f.bias_in.v.lo;
+    f.norm.var.hi = 2;
+    expect_failure(&f, FUSION_E_BOUNDS, "running_var", -1);
+    f.norm.var.hi = f.var.v.hi;
+    f.norm.bias.strides[0] = 1000;
+    expect_failure(&f, FUSION_E_BOUNDS, "bias", -1);
+    f.norm.bias.strides[0] = f.beta.v.strides[0];
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "restored");
+    fixture_free(&f);
+}
+
+/* Views the torch side can produce that are easy to get wrong: no
+ * elements, size-1 dims, and a view that broadcasts one element. */
+static void
+test_degenerate_views(void)
+{
+    fusion_where where;
+    for (int map = 0; map < MAP_COUNT; map++) {
+        snprintf(g_context, sizeof g_context, "%s", MAP_NAMES[map]);
+        /* A weight with no elements: the bias is still folded. */
+        fold_case c;
+        simple_case(&c, FUSION_DTYPE_F32, map, 3, 0, 2);
+        c.post = map == MAP_BEFORE_GROUPED ? 4 : 0;
+        fixture f;
+        fixture_make(&f, &c);
+        if (f.d_out > 0) {
+            fill_all(&f.bias_in, 1.5);
+            set_norm(&f.mean, &f.var, &f.gamma, &f.beta, f.channels, 2.0, 0.5,
+                     0.25);
+            if (c.post) {
+                set_norm(&f.pmean, &f.pvar, &f.pgamma, &f.pbeta, f.d_out, 2.0,
+                         0.5, 0.25);
+            }
+            fixture_snapshot(&f);
+            CHECK(fixture_check(&f, &where) == FUSION_OK, "empty weight");
+            fusion_fold_apply(&f.fold, f.new_bias);
+            /* after: (1.5 - 0.5) * 2 + 0.25; before: the empty sum, so
+             * (1.5 - 0.5) * 2 + 0.25 by the post norm. */
+            for (int64_t o = 0; o < f.d_out; o++) {
+                CHECK(tensor_get(&f.bias_out, o) == 2.25, "bias %g",
+                      tensor_get(&f.bias_out, o));
+            }
+        }
+        else {
+            CHECK(f.channels == 0, "channels of an empty ConvTranspose");
+        }
+        fixture_free(&f);
+    }
+}
+
+/* A weight view that reaches one element through several indices (an
+ * expanded tensor, stride 0) cannot be scaled in place element by element:
+ * the shared element would be scaled once per index. */
+static void
+test_overlapping_views(void)
+{
+    fold_case c;
+    fixture f;
+    fusion_where where;
+    simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 4, 3, 1);
+    fixture_make(&f, &c);
+    fill_all(&f.w, 1.0);
+    fill_all(&f.bias_in, 0.0);
+    set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 2.0, 0.0, 0.0);
+    /* weight[o] = w[0] for every o, as torch's expand() makes it. Before
+     * the check existed this folded "successfully" to 2^4 * w. */
+    f.fold.weight.strides[0] = 0;
+    expect_failure(&f, FUSION_E_OVERLAP, "weight", -1);
+    /* Rows that share elements without a zero stride: strides (1, 1). */
+    f.fold.weight.strides[0] = 1;
+    f.fold.weight.strides[1] = 1;
+    expect_failure(&f, FUSION_E_OVERLAP, "weight", -1);
+    /* Reversed rows are fine (the data pointer is then the last row). */
+    f.fold.weight.strides[0] = -3;
+    f.fold.weight.data = (float *)f.w.v.data + 9;
+    f.fold.weight.lo = -9;
+    f.fold.weight.hi = 3;
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "reversed rows");
+    f.fold.weight = f.w.v;
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "restored");
+    fixture_free(&f);
+
+    /* The same for the bias that is written. */
+    simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 4, 3, 1);
+    fixture_make(&f, &c);
+    fill_all(&f.w, 1.0);
+    fill_all(&f.bias_in, 0.0);
+    set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 2.0, 0.0, 0.0);
+    tensor_set(&f.mean, 3, 1.0);
+    f.fold.bias_out.strides[0] = 0;
+    expect_failure(&f, FUSION_E_OVERLAP, "bias", -1);
+    /* A bias read through a stride of 0 is fine: only bias_out is
+     * written. */
+    f.fold.bias_out.strides[0] = 1;
+    f.fold.bias_in.strides[0] = 0;
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "expanded bias_in");
+    fixture_free(&f);
+
+    /* Statistics that broadcast one value are only read: they fold. */
+    simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 4, 3, 1);
+    fixture_make(&f, &c);
+    fill_all(&f.w, 1.0);
+    fill_all(&f.bias_in, 0.0);
+    set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 2.0, 0.0, 0.0);
+    f.norm.var.strides[0] = 0;
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "expanded running_var");
+    fixture_free(&f);
+}
+
+/* The overflow check must bound the product exactly as apply forms it. A
+ * float64 weight is scaled in long double: DBL_MAX * (1 + 2^-54 + ...)
+ * rounds to the midpoint under 2^1024, then to inf, although
+ * DBL_MAX * (double)scale = DBL_MAX * 1 fits. */
+static void
+test_f64_overflow_edge(void)
+{
+    fold_case c;
+    fixture f;
+    fusion_where where;
+    simple_case(&c, FUSION_DTYPE_F64, MAP_AFTER_AXIS0, 2, 2, 1);
+    fixture_make(&f, &c);
+    fill_all(&f.w, DBL_MAX);
+    fill_all(&f.bias_in, 0.0);
+    set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 2, 1.0, 0.0, 0.0);
+    fill_all(&f.var, 1.0 - 0x1p-53); /* scale = 1 + 2^-54 + ... */
+    fixture_snapshot(&f);
+    fusion_status st = fixture_check(&f, &where);
+    /* Under valgrind long double arithmetic runs at 53 bits, the scale is
+     * then exactly 1 and the fold fits. */
+    if (g_wide_long_double) {
+        CHECK(st == FUSION_E_OVERFLOW, "status %s", fusion_status_str(st));
+    }
+    if (st == FUSION_OK) {
+        fusion_fold_apply(&f.fold, f.new_bias);
+        for (int64_t i = 0; i < f.w.numel; i++) {
+            CHECK(isfinite(tensor_get(&f.w, i)),
+                  "a checked fold wrote inf at %" PRId64, i);
+        }
+    }
+    else {
+        CHECK(st == FUSION_E_OVERFLOW, "status %s", fusion_status_str(st));
+        CHECK(fixture_unchanged(&f), "a failed check wrote a tensor");
+    }
+    fixture_free(&f);
+}
+
+/* Strides may be negative (a view that runs backwards through its storage):
+ * the values and the NaN check must not depend on the direction. */
+static void
+test_negative_strides(void)
+{
+    for (int nan = 0; nan < 2; nan++) {
+        fold_case c;
+        fixture f;
+        simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 4, 3, 2);
+        fixture_make(&f, &c);
+        for (int64_t i = 0; i < f.w.numel; i++) {
+            tensor_set(&f.w, i, random_value(FUSION_DTYPE_F32, 1.0));
+        }
+        fill_all(&f.bias_in, 0.5);
+        set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 3.0, 0.25, 1.0);
+        /* Reverse dim 0: data points at the last row, stride -6. */
+        int64_t row = f.w.v.strides[0];
+        f.w.v.data = (unsigned char *)f.w.v.data + 3 * row * 4;
+        f.w.v.strides[0] = -row;
+        f.w.v.lo = -3 * row;
+        f.w.v.hi = row;
+        f.fold.weight = f.w.v;
+        if (nan) {
+            /* weight[3, 0, 0] is storage element 0, offset -18 from data. */
+            tensor_set(&f.w, 18, NAN);
+            expect_failure(&f, FUSION_E_NONFINITE, "weight", -18);
+        }
+        else {
+            fixture_snapshot(&f);
+            fusion_where where;
+            CHECK(fixture_check(&f, &where) == FUSION_OK, "reversed weight");
+            fusion_fold_apply(&f.fold, f.new_bias);
+            fixture_verify(&f);
+        }
+        fixture_free(&f);
+    }
+}
+
+/* Known answers, independent of any reference code: scale 2 is exact, so
+ * every fused value is exact too. */
+static void
+test_known_answers(void)
+{
+    fusion_where where;
+    for (int di = 0; di < 4; di++) {
+        fusion_dtype dt = ALL_DTYPES[di];
+        snprintf(g_context, sizeof g_context, "%s", dtype_name(dt));
+
+        /* ConvTranspose, 2 groups: weight [C_in=4, C_out/G=3, 1]. Output
+         * channel o = g * 3 + j reads rows g*2 .. g*2+1, column j. */
+        fold_case c;
+        simple_case(&c, dt, MAP_AFTER_GROUPED, 4, 3, 1);
+        c.groups = 2;
+        fixture f;
+        fixture_make(&f, &c);
+        for (int64_t i = 0; i < 12; i++) {
+            tensor_set(&f.w, i, 1.0);
+        }
+        for (int64_t o = 0; o < 6; o++) {
+            tensor_set(&f.mean, o, 0.0);
+            tensor_set(&f.var, o, 1.0);
+            tensor_set(&f.gamma, o, (double)(o + 1)); /* scale o + 1 */
+            tensor_set(&f.beta, o, 0.5);
+            tensor_set(&f.bias_in, o, 1.0);
+        }
+        CHECK(fixture_check(&f, &where) == FUSION_OK, "convT check");
+        fusion_fold_apply(&f.fold, f.new_bias);
+        for (int64_t r = 0; r < 4; r++) {
+            for (int64_t j = 0; j < 3; j++) {
+                double want = (double)((r / 2) * 3 + j + 1);
+                CHECK(tensor_get(&f.w, r * 3 + j) == want,
+                      "convT weight[%" PRId64 ", %" PRId64 "] = %g, want %g",
+                      r, j, tensor_get(&f.w, r * 3 + j), want);
+            }
+        }
+        for (int64_t o = 0; o < 6; o++) {
+            CHECK(tensor_get(&f.bias_out, o) == (double)(o + 1) + 0.5,
+                  "convT bias[%" PRId64 "] = %g", o,
+                  tensor_get(&f.bias_out, o));
+        }
+        fixture_free(&f);
+
+        /* A norm before a Linear [2, 3] with a post norm after it:
+         * y = post(W (s x + t) + b), s = 2, t = 1 - 0.5 * 2 = 0 for input
+         * channel 0 and 1 - 0 = 1 otherwise; post scale 4, mean 1, bias 3. */
+        simple_case(&c, dt, MAP_BEFORE_GROUPED, 2, 3, 1);
+        c.ndim = 2;
+        c.post = 4;
+        fixture_make(&f, &c);
+        double w[6] = {1, 2, 3, 4, 5, 6};
+        for (int64_t i = 0; i < 6; i++) {
+            tensor_set(&f.w, i, w[i]);
+        }
+        for (int64_t ch = 0; ch < 3; ch++) {
+            tensor_set(&f.mean, ch, ch == 0 ? 0.5 : 0.0);
+            tensor_set(&f.var, ch, 1.0);
+            tensor_set(&f.gamma, ch, 2.0);
+            tensor_set(&f.beta, ch, 1.0);
+        }
+        for (int64_t o = 0; o < 2; o++) {
+            tensor_set(&f.bias_in, o, 0.25);
+            tensor_set(&f.pmean, o, 1.0);
+            tensor_set(&f.pvar, o, 1.0);
+            tensor_set(&f.pgamma, o, 4.0);
+            tensor_set(&f.pbeta, o, 3.0);
+        }
+        CHECK(fixture_check(&f, &where) == FUSION_OK, "linear check");
+        fusion_fold_apply(&f.fold, f.new_bias);
+        for (int64_t i = 0; i < 6; i++) {
+            CHECK(tensor_get(&f.w, i) == w[i] * 8.0, "linear weight[%" PRId64
+                  "] = %g", i, tensor_get(&f.w, i));
+        }
+        /* b' = ((0.25 + W[o,1] + W[o,2]) - 1) * 4 + 3 */
+        CHECK(tensor_get(&f.bias_out, 0) == ((0.25 + 2 + 3) - 1) * 4 + 3,
+              "linear bias[0] = %g", tensor_get(&f.bias_out, 0));
+        CHECK(tensor_get(&f.bias_out, 1) == ((0.25 + 5 + 6) - 1) * 4 + 3,
+              "linear bias[1] = %g", tensor_get(&f.bias_out, 1));
+        fixture_free(&f);
+    }
+}
+
+int
+main(int argc, char **argv)
+{
+    if (argc > 1) {
+        g_rng = strtoull(argv[1], NULL, 0) | 1;
+    }
+    g_wide_long_double = long_double_is_wide();
+    const char *messages = getenv("FOLD_TEST_MESSAGES");
+    if (messages != NULL) {
+        g_max_messages = atoi(messages);
+    }
+    run("f16 exhaustive", test_f16_exhaustive);
+    run("bf16 exhaustive", test_bf16_exhaustive);
+    run("overflow thresholds", test_overflow_thresholds);
+    run("subnormals", test_subnormals_and_tiny);
+    run("store random", test_store_random);
+    run("dtype basics", test_dtype_basics);
+    run("known answers", test_known_answers);
+    test_fold_sweep();
+    run("fold large", test_fold_large);
+    run("precision criterion", test_precision_criterion);
+    run("nonfinite", test_nonfinite);
+    run("variance", test_variance);
+    run("overflow", test_overflow);
+    run("shapes and arguments", test_shapes_and_arguments);
+    run("bounds", test_bounds);
+    run("degenerate views", test_degenerate_views);
+    run("overlapping views", test_overlapping_views);
+    run("negative strides", test_negative_strides);
+    run("f64 overflow edge", test_f64_overflow_edge);
+    printf("%d passed, %d failed\n", g_passed, g_failed);
+    return g_failed == 0 ? 0 : 1;
+}
