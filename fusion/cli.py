@@ -125,8 +125,8 @@ def _import_factory(spec: str):
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UsageError(f"{spec}: cannot import {module_name}: {_first_line(exc)}") \
-            from exc
+        raise UsageError(f"{spec}: no such file, and as a factory: cannot import "
+                         f"{module_name}: {_first_line(exc)}") from exc
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise UsageError(f"{spec}: {module_name} has no attribute {attr_path!r}")
