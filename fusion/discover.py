@@ -15,6 +15,7 @@ Each source yields a :class:`Flow`: for every call of every layer and norm,
 which call produced its sole input, and who else used its output.
 """
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
@@ -152,7 +153,10 @@ class _Recorder:
         self.names = canonical_names(model)
         self.flow = Flow("recorded")
         self.stack: List[Call] = []
-        self.origin: Dict[int, tuple] = {}  # id(tensor) -> (Call, tensor)
+        # id(tensor) -> (Call, weakref). The entry goes when the tensor dies, so
+        # that an id reused by a later tensor is never mistaken for it, and the
+        # run keeps no activation alive.
+        self.origin: Dict[int, tuple] = {}
         self.owners: Dict[int, Set[str]] = {}  # id(param or buffer) -> module names
         self.thread = threading.get_ident()
         self.value_reads = 0
@@ -168,16 +172,24 @@ class _Recorder:
         if len(args) == 1 and isinstance(args[0], torch.Tensor):
             x = args[0]
             call.in_ndim = x.dim()
-            found = self.origin.get(id(x))
-            if found is not None and found[1] is x:
-                call.src = found[0]
-                found[0].users.append(call)
+            found = self._found(x)
+            if found is not None:
+                call.src = found
+                found.users.append(call)
         self.stack.append(call)
+
+    def _found(self, t) -> Optional[Call]:
+        entry = self.origin.get(id(t))
+        if entry is not None and entry[1]() is t:
+            return entry[0]
+        return None
 
     def post_hook(self, module, args, output):
         call = self.stack.pop()
         if isinstance(output, torch.Tensor):
-            self.origin[id(output)] = (call, output)
+            key = id(output)
+            origin = self.origin
+            origin[key] = (call, weakref.ref(output, lambda _, k=key: origin.pop(k, None)))
 
     def on_op(self, func, args, kwargs):
         if threading.get_ident() != self.thread:
@@ -186,9 +198,8 @@ class _Recorder:
         if func in _VALUE_READS:
             self.value_reads += 1
         for t in _tensors((args, kwargs)):
-            found = self.origin.get(id(t))
-            if found is not None and found[1] is t:
-                call = found[0]
+            call = self._found(t)
+            if call is not None:
                 if top is None or not any(u is top for u in call.users):
                     call.users.append(OTHER)
             owners = self.owners.get(id(t))
@@ -197,9 +208,9 @@ class _Recorder:
 
     def finish(self, output):
         for t in _tensors(output):
-            found = self.origin.get(id(t))
-            if found is not None and found[1] is t:
-                found[0].users.append(OTHER)
+            call = self._found(t)
+            if call is not None:
+                call.users.append(OTHER)
 
 
 _VALUE_READS = {

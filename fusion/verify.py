@@ -204,11 +204,15 @@ def _sensitivity(fused, args, prepared, y_fused):
 def _locate(fused, args, prepared, originals):
     """The pair whose own output differs most, per channel, on the inputs it saw."""
     inputs = {}
-    handles = [p.layer.register_forward_pre_hook(
+    runner, run_args = fused, args
+    if _has_half_on_cpu(fused):
+        runner, run_args = copy.deepcopy(fused).float(), _to_float(args)
+    handles = [runner.get_submodule(p.fold.layer).register_forward_pre_hook(
         lambda m, a, name=p.fold.layer: inputs.setdefault(name, a[0]))
         for p in prepared]
     try:
-        run_model(fused, args)
+        with torch.no_grad():
+            runner(*run_args)
     finally:
         for h in handles:
             h.remove()
@@ -234,8 +238,10 @@ def _locate(fused, args, prepared, originals):
             if p.fold.after is not None:
                 ref = copy.deepcopy(p.norms[p.fold.after]).double().cpu().eval()(ref)
             got = fused_layer(x.cpu())
-            dims = [d for d in range(ref.dim()) if d != 1]
-            per_channel = (got - ref).norm(dim=dims) / ref.norm(dim=dims).clamp_min(1e-300)
+            channels = ref.shape[1]
+            diff = (got - ref).transpose(0, 1).reshape(channels, -1).norm(dim=1)
+            size = ref.transpose(0, 1).reshape(channels, -1).norm(dim=1)
+            per_channel = diff / size.clamp_min(1e-300)
             err = float(per_channel.max())
             if err > worst[0]:
                 worst = (err, p.fold)
