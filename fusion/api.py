@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from . import rewrite
-from .discover import alias_names, flow_from_fx, flow_from_run, flow_from_sequentials
+from .discover import (
+    MODEL_LOCK,
+    alias_names,
+    flow_from_fx,
+    flow_from_run,
+    flow_from_sequentials,
+)
 from .errors import FusionError
 from .layers import layer_kind, norm_adapter
 from .plan import Fold, Left, make_plan
@@ -225,7 +231,8 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
                                         model.get_submodule(p.fold.layer).bias)
                          for p in prepared}
         try:
-            verify_fused(target, args, reference, prepared, report, rtol, originals)
+            with MODEL_LOCK:  # it runs the models; see discover.MODEL_LOCK
+                verify_fused(target, args, reference, prepared, report, rtol, originals)
         except FusionError:
             if inplace:
                 rewrite.undo(target, saved, replaced)

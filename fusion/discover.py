@@ -28,6 +28,14 @@ __all__ = []
 
 OTHER = "other"  # a use of a tensor by anything but the next layer or norm
 
+#: Held while fusion traces a model or runs one. torch.fx patches
+#: nn.Module.__call__ and __getattr__ for the whole process while it traces, so
+#: a module called in another thread meanwhile goes through that tracer (and
+#: fails, or lands in its graph), and two traces at once can leave a patch
+#: behind. With this lock, fuse() in two threads is safe; a user's own forward
+#: in another thread during a trace is still not (a torch.fx limitation).
+MODEL_LOCK = threading.RLock()
+
 
 def _is_layer_like(module) -> bool:
     return isinstance(
@@ -95,7 +103,8 @@ class _LeafTracer(fx.Tracer):
 
 def flow_from_fx(model) -> Flow:
     """Traces ``model`` with torch.fx. Raises whatever tracing raises."""
-    graph = _LeafTracer().trace(model)
+    with MODEL_LOCK:
+        graph = _LeafTracer().trace(model)
     names = canonical_names(model)
     flow = Flow("fx")
     by_node: Dict[fx.Node, Call] = {}
@@ -240,7 +249,7 @@ def flow_from_run(model, example_inputs):
             if is_interesting(m):
                 handles.append(m.register_forward_pre_hook(rec.pre_hook))
                 handles.append(m.register_forward_hook(rec.post_hook))
-        with torch.no_grad(), _Mode():
+        with MODEL_LOCK, torch.no_grad(), _Mode():
             output = model(*example_inputs)
         rec.finish(output)
     finally:
