@@ -613,7 +613,11 @@ fusion_norm_affine(const fusion_norm *norm, int64_t channels, double *scale,
             set_where(where, "running_var", c, var);
             return FUSION_E_VARIANCE;
         }
-        double s = gamma / sqrt(denom);
+        /* var + eps may overflow although both are finite; sqrt(x) is
+         * exactly 2 sqrt(x / 4), and x / 4 cannot overflow. */
+        double s = isinf(denom)
+                       ? gamma / (2.0 * sqrt(0.25 * var + 0.25 * norm->eps))
+                       : gamma / sqrt(denom);
         double t = fma(-mean, s, beta);
         if (!isfinite(s) || !isfinite(t)) {
             set_where(where, "scale", c, s);
