@@ -231,10 +231,26 @@ quad_sqrt(quad x)
     if (x <= 0) {
         return 0;
     }
-    /* Two Newton steps take the 53 correct bits of sqrt() past 113. */
+    /* Scaling by 2^200 keeps the float64 seed finite; two Newton steps take
+     * its 53 correct bits past 113. */
+    int shift = 0;
+    while (x > (quad)1e300) {
+        x /= (quad)0x1p200;
+        shift += 100;
+    }
+    while (x < (quad)1e-300) {
+        x *= (quad)0x1p200;
+        shift -= 100;
+    }
     quad r = (quad)sqrt((double)x);
     r = (r + x / r) / 2;
     r = (r + x / r) / 2;
+    for (; shift > 0; shift -= 100) {
+        r *= (quad)0x1p100;
+    }
+    for (; shift < 0; shift += 100) {
+        r /= (quad)0x1p100;
+    }
     return r;
 }
 
@@ -1449,6 +1465,33 @@ test_variance(void)
         }
         fixture_free(&f);
     }
+    /* var + eps overflows float64 although both are finite: the scale is
+     * still gamma / sqrt(var + eps), not gamma / inf = 0. Before this was
+     * handled, an f32 layer folded to weight 0 with status ok. */
+    {
+        snprintf(g_context, sizeof g_context, "var + eps > DBL_MAX");
+        fold_case c;
+        simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 2, 1, 1);
+        c.sdt = FUSION_DTYPE_F64;
+        fixture f;
+        fixture_make(&f, &c);
+        fill_all(&f.w, 1.0);
+        fill_all(&f.bias_in, 0.5);
+        set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 2, 1e300, 0.5, 0.0);
+        fill_all(&f.var, 1.5e308);
+        f.norm.eps = 1.5e308;
+        fusion_where where;
+        CHECK(fusion_norm_affine(&f.norm, 2, f.scale, f.shift, &where) ==
+                  FUSION_OK, "affine");
+        double want = (double)((quad)1e300 /
+                               quad_sqrt((quad)1.5e308 + (quad)1.5e308));
+        CHECK(fabs(f.scale[0] - want) <= 4 * DBL_EPSILON * want,
+              "scale %g, expected %g", f.scale[0], want);
+        /* 1 * 5.8e145 does not fit float32. */
+        expect_failure(&f, FUSION_E_OVERFLOW, "weight", 0);
+        fixture_free(&f);
+    }
+
     /* A variance so small that the scale overflows float64. */
     fold_case c;
     simple_case(&c, FUSION_DTYPE_F64, MAP_AFTER_AXIS0, 2, 2, 1);
