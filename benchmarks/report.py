@@ -1,0 +1,705 @@
+"""Turns the raw results of the bench_*.py scripts into the committed report:
+benchmarks/results/RESULTS.md (every table, the environment of every
+measurement, and the targets with whether each is met), README-table.md (the
+headline table for the project README) and PNG plots (matplotlib, Agg).
+
+It measures nothing. A raw file that is missing leaves its section out.
+
+Usage:
+    benchmarks/report.py --raw benchmarks/results/raw --out benchmarks/results
+"""
+import argparse
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+LABELS = {
+    "fusion_copy": "fusion (copy)",
+    "fusion_inplace": "fusion (in place)",
+    "fx_copy": "torch.fx fuse (copy)",
+    "fx_inplace": "torch.fx fuse (in place)",
+    "fuse_modules_copy": "fuse_modules (copy)",
+    "fuse_modules_inplace": "fuse_modules (in place)",
+    "naive_inplace": "naive fuse_conv_bn_eval loop",
+    "diag_inplace": "diag-mm fold",
+}
+COLORS = {
+    "fusion_copy": "#1f5fa8", "fusion_inplace": "#6fa8dc",
+    "fx_copy": "#b03a2e", "fx_inplace": "#e6887d",
+    "fuse_modules_copy": "#7d6608", "fuse_modules_inplace": "#d4ac0d",
+    "naive_inplace": "#5e5e5e", "diag_inplace": "#1e8449",
+}
+TARGETS = {"inplace_mem": 0.05, "copy_mem": 1.1, "memcpy": 0.5, "fp64": 3.0,
+           "latency": 1.03, "identical": 0.999, "max_ulp": 1}
+
+
+def _load(raw, name):
+    path = os.path.join(raw, f"{name}.json")
+    return common.load_json(path) if os.path.exists(path) else None
+
+
+def _ms(s):
+    return f"{s * 1e3:.1f}" if s >= 0.01 else f"{s * 1e3:.2f}"
+
+
+def _ok(flag):
+    return "**met**" if flag else "**missed**"
+
+
+def env_table(sections):
+    keys = ["date", "torch", "torchvision", "python", "threads", "blas_alternative",
+            "blas_loaded", "torch_blas_info", "torch_parallel", "cpu", "nproc",
+            "loadavg_start", "loadavg_end", "commit", "argv"]
+    rows = []
+    for title, data in sections:
+        if data is None:
+            continue
+        env = data["environment"]
+        for k in keys:
+            v = env.get(k)
+            if isinstance(v, list) and k.startswith("loadavg"):
+                v = ", ".join(f"{x:.2f}" for x in v)
+            elif isinstance(v, list):
+                v = " ".join(str(x) for x in v)
+            rows.append((title, k, v))
+    # One table: a column per section, a row per field.
+    titles = [t for t, d in sections if d is not None]
+    by = {(t, k): v for t, k, v in rows}
+    table = [[k] + [f"`{by.get((t, k))}`" if k in ("argv", "blas_loaded", "commit")
+                    else str(by.get((t, k))) for t in titles] for k in keys]
+    return common.md_table(["field"] + titles, table, align=["---"] * (len(titles) + 1))
+
+
+# --- 1. fuse() time -------------------------------------------------------------
+
+
+def fuse_time_section(data, title):
+    rows = data["results"]
+    keys = list(rows[0]["contenders"]) if rows else []
+    out = []
+    for r in rows:
+        cells = [r["model"], f"{r['model_bytes'] / 2**20:.0f}", r["threads"]]
+        for k in keys:
+            c = r["contenders"][k]
+            if "seconds" in c:
+                s = c["seconds"]
+                cells.append(f"{_ms(s['median'])} ({_ms(s['p25'])}–{_ms(s['p75'])})")
+            else:
+                cells.append("fails")
+        cells += [_ratio(r, "fusion_copy", "fx_copy"),
+                  _ratio(r, "fusion_inplace", "fx_inplace")]
+        out.append(cells)
+    header = ["model", "MiB", "threads"] + [LABELS[k] for k in keys] + \
+        ["fusion / fx (copy)", "fusion / fx (in place)"]
+    text = [f"### {title}", "",
+            f"Median ms of {data.get('rounds')} alternating rounds (p25–p75); each call "
+            f"fuses a fresh deep copy (made untimed).", "",
+            common.md_table(header, out)]
+    checks = []
+    for r in rows:
+        for k in keys:
+            c = r["contenders"][k]
+            if "error" in c and "seconds" not in c:
+                checks.append([r["model"], LABELS[k], "fails", c["error"][:90]])
+            elif c.get("bn_left", 0) or c.get("rel_err", 0) > 1e-3:
+                checks.append([r["model"], LABELS[k], c.get("bn_left"),
+                               f"rel_err {c.get('rel_err', float('nan')):.2e}"])
+    if checks:
+        text += ["", "Results that fail, leave BatchNorms, or change the output "
+                 "(rel_err > 1e-3 on a random input):", "",
+                 common.md_table(["model", "contender", "BN left", "note"], checks,
+                                 align=["---"] * 4)]
+    else:
+        text += ["", "Every contender removed every BatchNorm it was given, with "
+                 "output rel_err <= 1e-3 on a random input."]
+    return "\n".join(text)
+
+
+def _ratio(r, a, b):
+    ca, cb = r["contenders"].get(a, {}), r["contenders"].get(b, {})
+    if "seconds" in ca and "seconds" in cb:
+        return f"{ca['seconds']['median'] / cb['seconds']['median']:.2f}"
+    return "n/a"
+
+
+def plot_fuse_time(data, path):
+    rows = [r for r in data["results"] if r["threads"] == data["results"][0]["threads"]]
+    keys = list(rows[0]["contenders"])
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        xs, ys, lo, hi = [], [], [], []
+        for j, r in enumerate(rows):
+            c = r["contenders"][k]
+            if "seconds" in c:
+                s = c["seconds"]
+                xs.append(j + (i - len(keys) / 2 + 0.5) * width)
+                ys.append(s["median"] * 1e3)
+                lo.append((s["median"] - s["p25"]) * 1e3)
+                hi.append((s["p75"] - s["median"]) * 1e3)
+        ax.bar(xs, ys, width, yerr=[lo, hi], label=LABELS[k], color=COLORS[k],
+               error_kw={"elinewidth": 0.7})
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["model"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("fuse() wall time, ms (median, p25–p75)")
+    ax.set_title(f"fuse() time, torch {data['environment']['torch']}, "
+                 f"{rows[0]['threads']} thread(s)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- 2. memory ------------------------------------------------------------------
+
+
+def memory_section(data):
+    rows = data["results"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    keys = list(dict.fromkeys(r["contender"] for r in rows))
+    by = {(r["model"], r["contender"]): r for r in rows}
+    out = []
+    for m in models:
+        size = next((r["model_bytes"] for r in rows if r["model"] == m and
+                     "model_bytes" in r), None)
+        cells = [m, f"{size / 2**20:.0f}" if size else "?"]
+        for k in keys:
+            r = by.get((m, k), {})
+            if "error" in r:
+                cells.append("fails")
+            elif "peak_ratio" in r:
+                cells.append(f"{r['peak_ratio']:.3f}")
+            else:
+                cells.append("-")
+        out.append(cells)
+    text = ["Peak RSS rise during one fuse call / model bytes, each case in a fresh "
+            f"process (peak: {data['environment'].get('peak_method')}). Copy mode "
+            "includes the fused copy, so it cannot be below 1.", "",
+            common.md_table(["model", "MiB"] + [LABELS[k] for k in keys], out)]
+    errs = [[r["model"], LABELS[r["contender"]], r["error"][:100]] for r in rows
+            if "error" in r]
+    if errs:
+        text += ["", common.md_table(["model", "contender", "error"], errs,
+                                     align=["---"] * 3)]
+    return "\n".join(text)
+
+
+def plot_memory(data, path):
+    rows = data["results"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    keys = list(dict.fromkeys(r["contender"] for r in rows))
+    by = {(r["model"], r["contender"]): r for r in rows}
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(models)), 4.5))
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        xs, ys = [], []
+        for j, m in enumerate(models):
+            r = by.get((m, k), {})
+            if "peak_ratio" in r and "error" not in r:
+                xs.append(j + (i - len(keys) / 2 + 0.5) * width)
+                ys.append(max(r["peak_ratio"], 1e-4))
+        ax.bar(xs, ys, width, label=LABELS[k], color=COLORS[k])
+    ax.axhline(TARGETS["copy_mem"], color="k", ls="--", lw=0.8)
+    ax.axhline(TARGETS["inplace_mem"], color="k", ls=":", lw=0.8)
+    ax.text(len(models) - 0.5, TARGETS["copy_mem"] * 1.05, "copy target 1.1x",
+            ha="right", fontsize=7)
+    ax.text(len(models) - 0.5, TARGETS["inplace_mem"] * 1.1, "in-place target 0.05x",
+            ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(models)))
+    ax.set_xticklabels(models, rotation=30, ha="right")
+    ax.set_ylabel("peak extra RSS / model bytes")
+    ax.set_title("Peak extra memory during fuse (fresh process per case)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- 3. throughput --------------------------------------------------------------
+
+TP_CASES = ["memcpy (copy_)", "memcpy (memmove)", "fusion prepare", "fusion apply",
+            "fusion total", "torch fp32 fold", "torch fp64 fold", "torch mul_",
+            "first touch"]
+
+
+def _memcpy_gbps(r):
+    vals = [r["cases"][c]["gbps"] for c in ("memcpy (copy_)", "memcpy (memmove)")
+            if "gbps" in r["cases"].get(c, {})]
+    return max(vals) if vals else None
+
+
+def throughput_section(data):
+    out = []
+    for r in data["results"]:
+        cells = [r["weight"], r["dtype"], r["threads"], f"{r['bytes'] / 2**20:.0f}"]
+        for c in TP_CASES:
+            v = r["cases"].get(c, {})
+            cells.append(f"{v['gbps']:.2f}" if "gbps" in v else
+                         ("fails" if "error" in v else "-"))
+        mc = _memcpy_gbps(r)
+        tot = r["cases"].get("fusion total", {}).get("gbps")
+        f64 = r["cases"].get("torch fp64 fold", {}).get("gbps")
+        cells.append(f"{tot / mc:.2f}" if tot and mc else "-")
+        cells.append(f"{tot / f64:.1f}" if tot and f64 else "-")
+        out.append(cells)
+    header = ["weight", "dtype", "threads", "MiB"] + TP_CASES + \
+        ["fusion total / memcpy", "fusion total / torch fp64"]
+    return "\n".join([
+        f"GB/s of weights (1e9 bytes/s), median of {data.get('rounds')} rounds. "
+        "memcpy = the faster of copy_ and memmove; fusion total = prepare + apply.", "",
+        common.md_table(header, out)])
+
+
+def plot_throughput(data, path):
+    rows = data["results"]
+    cases = [c for c in TP_CASES if any("gbps" in r["cases"].get(c, {}) for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(9, 1.6 * len(rows)), 4.8))
+    width = 0.85 / len(cases)
+    cmap = plt.get_cmap("tab10")
+    for i, c in enumerate(cases):
+        xs, ys, lo, hi = [], [], [], []
+        for j, r in enumerate(rows):
+            v = r["cases"].get(c, {})
+            if "gbps" in v:
+                xs.append(j + (i - len(cases) / 2 + 0.5) * width)
+                ys.append(v["gbps"])
+                lo.append(max(0.0, v["gbps"] - v["gbps_p25"]))
+                hi.append(max(0.0, v["gbps_p75"] - v["gbps"]))
+        ax.bar(xs, ys, width, yerr=[lo, hi], label=c, color=cmap(i % 10),
+               error_kw={"elinewidth": 0.6})
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['weight']}\n{r['dtype']}, {r['threads']} thr" for r in rows],
+                       fontsize=7)
+    ax.set_ylabel("GB/s of weights (median, p25–p75)")
+    ax.set_title("Fold throughput of fusion's core against memcpy and torch's fold")
+    ax.legend(fontsize=7, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- 4. latency -----------------------------------------------------------------
+
+
+def latency_section(data):
+    out = []
+    variants = ["unfused", "fused (fusion)", "BN deleted", "fused (torch.fx)"]
+    present = [v for v in variants if any(v in r["variants"] for r in data["results"])]
+    for r in data["results"]:
+        cells = [r["model"], r["threads"], r["batch"], r["rounds"]]
+        for v in present:
+            s = r["variants"].get(v)
+            cells.append(f"{_ms(s['median'])} ({_ms(s['p10'])}–{_ms(s['p90'])})"
+                         if s else "-")
+        for key in ("fused/deleted", "fused/unfused"):
+            s = r["ratios"].get(key)
+            cells.append(f"{s['median']:.3f} [{s['p10']:.3f}, {s['p90']:.3f}]"
+                         if s else "-")
+        cells.append(_ok(_latency_met(r)) if r["ratios"].get("fused/deleted") else "-")
+        out.append(cells)
+    header = ["model", "threads", "batch", "rounds"] + [f"{v}, ms (p10–p90)"
+                                                        for v in present] + \
+        ["fused / deleted [p10, p90]", "fused / unfused [p10, p90]", "target"]
+    return "\n".join([
+        "Median latency per forward, input [batch, 3, 224, 224], torch.inference_mode; "
+        "ratios are medians of per-round pairs (timed side by side) with p10–p90. "
+        "Target: fused / deleted <= 1.03, or 1.0 inside its p10–p90 band (the "
+        "difference is within the noise).", "",
+        common.md_table(header, out)])
+
+
+def _latency_met(r):
+    s = r["ratios"]["fused/deleted"]
+    return s["median"] <= TARGETS["latency"] or s["p10"] <= 1.0 <= s["p90"]
+
+
+def plot_latency(data, path):
+    rows = data["results"]
+    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(rows)), 4.5))
+    for i, key, color in ((0, "fused/deleted", "#1f5fa8"), (1, "fused/unfused", "#b03a2e")):
+        xs, ys, lo, hi = [], [], [], []
+        for j, r in enumerate(rows):
+            s = r["ratios"].get(key)
+            if s:
+                xs.append(j + (i - 0.5) * 0.3)
+                ys.append(s["median"])
+                lo.append(max(0.0, s["median"] - s["p10"]))
+                hi.append(max(0.0, s["p90"] - s["median"]))
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o", color=color, label=key, capsize=2,
+                    ms=4)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhspan(1.0, TARGETS["latency"], color="#1f5fa8", alpha=0.1)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['model']} b{r['batch']} t{r['threads']}" for r in rows],
+                       rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("latency ratio (median, p10–p90)")
+    ax.set_title("Fused model latency against the BN-deleted and the unfused model")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- 5. precision ---------------------------------------------------------------
+
+
+def precision_section(data):
+    w, o = data["results"]["weights"], data["results"]["outputs"]
+    out = []
+    for r in w:
+        if "error" in r:
+            out.append([r["dtype"], r["method"], "fails", "", "", "", r["error"][:70]])
+        else:
+            a, b = r["weight"], r["bias"]
+            out.append([r["dtype"], r["method"], f"{a['identical']:.3%}", a["max_ulp"],
+                        f"{b['identical']:.1%}", b["max_ulp"], ""])
+    layer = w[0]["layer"] if w else ""
+    n = w[0]["weight"]["n"] if w and "weight" in w[0] else "?"
+    text = [f"Fused values of {layer} ({n} weights) against the exact fold (tests/exact.py: "
+            "rational arithmetic, rounded once). BatchNorm statistics calibrated on "
+            "the conv's outputs, so b - mean cancels as in real models.", "",
+            common.md_table(["dtype", "method", "weights identical", "weights max ULP",
+                             "bias identical", "bias max ULP", "error"], out,
+                            align=["---", "---", "--:", "--:", "--:", "--:", "---"])]
+    out = []
+    for r in o:
+        out.append([r["model"], r["dtype"], f"{r['unfused']:.2e}",
+                    f"{r['fusion']:.2e}" if "fusion" in r else "fails",
+                    f"{r['torch fold']:.2e}" if "torch fold" in r else
+                    f"fails ({r.get('torch_error', '')[:60]})",
+                    r.get("torch_how", "")])
+    shape = o[0]["input"] if o else "?"
+    text += ["", f"Output rel_err = ||y - y64|| / ||y64|| against a float64 run of the "
+             f"original, input {shape}, every model run in float32 (half models as "
+             f"float32 copies). 'unfused' is the dtype's own error.", "",
+             common.md_table(["model", "dtype", "unfused", "fusion", "torch fold", "how"],
+                             out)]
+    return "\n".join(text)
+
+
+# --- 6. profile -----------------------------------------------------------------
+
+
+def profile_section(data):
+    res = data["results"]
+    text = [f"{res['model']} ({res['model_bytes'] / 2**20:.0f} MiB), median of "
+            f"{res['rounds']} rounds, {data['environment']['threads'][0]} thread(s); "
+            "phases timed by wrappers around the functions each fuser calls.", ""]
+    for name, phases in res["phases"].items():
+        total = phases["total"]
+        rows = [[k, _ms(v), f"{v / total:.0%}" if total else "-"]
+                for k, v in phases.items()]
+        text += [f"**{name}**", "", common.md_table(["phase", "ms", "share"], rows), ""]
+    top = res.get("cprofile_copy", {}).get("top", [])
+    if top:
+        text += ["cProfile of fusion.fuse (copy mode), by own time (profiler overhead "
+                 "included):", "",
+                 common.md_table(["function", "calls", "own ms", "cumulative ms"],
+                                 [[f"`{r['function']}`", r["calls"],
+                                   f"{r['tottime'] * 1e3:.1f}",
+                                   f"{r['cumtime'] * 1e3:.1f}"] for r in top],
+                                 align=["---", "--:", "--:", "--:"])]
+    return "\n".join(text)
+
+
+# --- headline -------------------------------------------------------------------
+
+
+def plot_headline(scaling, memory, path):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    ax = axes[0]
+    if scaling:
+        rows = [r for r in scaling["results"] if r["threads"] == 1] or scaling["results"]
+        rows = sorted(rows, key=lambda r: r["model_bytes"])
+        for k in rows[0]["contenders"]:
+            xs = [r["model_bytes"] / 2**20 for r in rows
+                  if "seconds" in r["contenders"][k]]
+            ys = [r["contenders"][k]["seconds"]["median"] for r in rows
+                  if "seconds" in r["contenders"][k]]
+            ax.plot(xs, ys, "o-", color=COLORS[k], label=LABELS[k],
+                    ls="-" if k.endswith("copy") else "--", ms=4)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("conv weights, MiB (synthetic Conv2d+BatchNorm2d stack)")
+        ax.set_ylabel("fuse() wall time, s (median)")
+        ax.set_title(f"fuse() time against model size, {rows[0]['threads']} thread(s)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    ax = axes[1]
+    if memory:
+        rows = memory["results"]
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        keys = list(dict.fromkeys(r["contender"] for r in rows))
+        by = {(r["model"], r["contender"]): r for r in rows}
+        width = 0.8 / len(keys)
+        for i, k in enumerate(keys):
+            xs, ys = [], []
+            for j, m in enumerate(models):
+                r = by.get((m, k), {})
+                if "peak_ratio" in r and "error" not in r:
+                    xs.append(j + (i - len(keys) / 2 + 0.5) * width)
+                    ys.append(max(r["peak_ratio"], 1e-4))
+            ax.bar(xs, ys, width, color=COLORS[k], label=LABELS[k])
+        ax.axhline(TARGETS["copy_mem"], color="k", ls="--", lw=0.8)
+        ax.axhline(TARGETS["inplace_mem"], color="k", ls=":", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(models)))
+        ax.set_xticklabels(models, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("peak extra RSS / model bytes")
+        ax.set_title("Peak extra memory (targets: 1.1x copy, 0.05x in place)")
+        ax.grid(axis="y", alpha=0.3)
+        if not scaling:
+            ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def readme_table(fuse, memory, throughput, precision, latency):
+    lines = ["<!-- generated by benchmarks/report.py from `make bench`; do not edit -->",
+             ""]
+    if fuse:
+        env = fuse["environment"]
+        blas = os.path.basename(os.path.dirname(str(env["blas_alternative"])))
+        lines.append(f"Measured {env['date'][:10]} on {env['cpu']} ({env['nproc']} cores), "
+                     f"torch {env['torch']}, {', '.join(map(str, env['threads']))} "
+                     f"thread(s), BLAS {blas}. "
+                     "Full tables: [benchmarks/results/RESULTS.md]"
+                     "(benchmarks/results/RESULTS.md).")
+        lines.append("")
+    mem = {}
+    if memory:
+        mem = {(r["model"], r["contender"]): r.get("peak_ratio") for r in memory["results"]
+               if "error" not in r}
+    rows = []
+    for r in (fuse["results"] if fuse else []):
+        c = r["contenders"]
+
+        def t(k):
+            return _ms(c[k]["seconds"]["median"]) if "seconds" in c.get(k, {}) else "fails"
+
+        def m(k):
+            v = mem.get((r["model"], k))
+            return f"{v:.2f}x" if v is not None else "–"
+
+        rows.append([r["model"], f"{r['model_bytes'] / 2**20:.0f}",
+                     f"{t('fusion_copy')} / {t('fx_copy')}",
+                     f"{t('fusion_inplace')} / {t('fx_inplace')}",
+                     f"{m('fusion_copy')} / {m('fx_copy')}",
+                     f"{m('fusion_inplace')} / {m('fx_inplace')}"])
+    if rows:
+        lines += [common.md_table(
+            ["model", "MiB", "fuse() ms, copy: fusion / torch.fx",
+             "fuse() ms, in place: fusion / torch.fx",
+             "peak extra memory, copy: fusion / torch.fx",
+             "peak extra memory, in place: fusion / torch.fx"], rows), ""]
+    facts = []
+    if precision:
+        w = {(r["dtype"], r["method"]): r for r in precision["results"]["weights"]}
+        for d in ("fp32", "bf16", "fp16"):
+            f, t = w.get((d, "fusion")), w.get((d, "torch fold"))
+            if f and "weight" in f:
+                ts = (f"torch's fold {t['weight']['identical']:.0%} (bias up to "
+                      f"{t['bias']['max_ulp']} ULP off)" if t and "weight" in t
+                      else "torch's fold fails")
+                facts.append(f"{d} fused weights identical to the exact fold: fusion "
+                             f"{f['weight']['identical']:.2%} (max {f['weight']['max_ulp']} "
+                             f"ULP), {ts}")
+    if throughput:
+        for r in throughput["results"]:
+            if r["threads"] == 1 and r["weight"].startswith("conv"):
+                tot = r["cases"].get("fusion total", {}).get("gbps")
+                mc = _memcpy_gbps(r)
+                f64 = r["cases"].get("torch fp64 fold", {}).get("gbps")
+                if tot and mc:
+                    facts.append(f"core fold of one {r['weight']} {r['dtype']} weight: "
+                                 f"{tot:.2f} GB/s = {tot / mc:.2f}x memcpy"
+                                 + (f", {tot / f64:.1f}x torch's fp64 fold" if f64 else ""))
+    if latency:
+        met = sum(_latency_met(r) for r in latency["results"]
+                  if r["ratios"].get("fused/deleted"))
+        n = sum(1 for r in latency["results"] if r["ratios"].get("fused/deleted"))
+        facts.append(f"fused latency matches the BN-deleted model (within 3% or the noise) "
+                     f"in {met} of {n} (model, batch, threads) cases")
+    lines += [f"- {f}" for f in facts]
+    lines += ["", "Plot to show: `benchmarks/results/headline.png` (fuse() time against "
+              "model size, and peak extra memory, for every fuser)."]
+    return "\n".join(lines) + "\n"
+
+
+# --- targets --------------------------------------------------------------------
+
+
+def targets(fuse, memory, throughput, latency, precision):
+    rows = []
+    if memory:
+        r_in = [r for r in memory["results"] if r["contender"] == "fusion_inplace"
+                and "peak_ratio" in r]
+        r_cp = [r for r in memory["results"] if r["contender"] == "fusion_copy"
+                and "peak_ratio" in r]
+        if r_in:
+            worst = max(r_in, key=lambda r: r["peak_ratio"])
+            rows.append(["in-place peak extra memory (no verify) <= 5% of model bytes",
+                         f"worst {worst['peak_ratio']:.2%} ({worst['model']})",
+                         _ok(worst["peak_ratio"] <= TARGETS["inplace_mem"])])
+        if r_cp:
+            worst = max(r_cp, key=lambda r: r["peak_ratio"])
+            rows.append(["copy-mode peak <= 1.1x model bytes",
+                         f"worst {worst['peak_ratio']:.3f}x ({worst['model']})",
+                         _ok(worst["peak_ratio"] <= TARGETS["copy_mem"])])
+    if throughput:
+        ratios, f64 = [], []
+        for r in throughput["results"]:
+            tot = r["cases"].get("fusion total", {}).get("gbps")
+            mc = _memcpy_gbps(r)
+            if tot and mc and r["weight"].startswith("conv"):
+                ratios.append((tot / mc, r))
+            t64 = r["cases"].get("torch fp64 fold", {}).get("gbps")
+            if tot and t64:
+                f64.append((tot / t64, r))
+        if ratios:
+            worst = min(ratios, key=lambda x: x[0])
+            best = max(ratios, key=lambda x: x[0])
+            rows.append(["core fold throughput (prepare + apply) >= 0.5x memcpy",
+                         f"{worst[0]:.2f}x ({worst[1]['weight']}, {worst[1]['dtype']}, "
+                         f"{worst[1]['threads']} thr) to {best[0]:.2f}x",
+                         _ok(worst[0] >= TARGETS["memcpy"])])
+        if f64:
+            worst = min(f64, key=lambda x: x[0])
+            rows.append(["core fold throughput >= 3x torch's float64 fold",
+                         f"worst {worst[0]:.1f}x ({worst[1]['weight']}, "
+                         f"{worst[1]['threads']} thr)", _ok(worst[0] >= TARGETS["fp64"])])
+    if fuse:
+        for mode in ("copy", "inplace"):
+            worse, n = [], 0
+            for r in fuse["results"]:
+                a, b = r["contenders"].get(f"fusion_{mode}", {}), \
+                    r["contenders"].get(f"fx_{mode}", {})
+                if "seconds" in a and "seconds" in b:
+                    n += 1
+                    q = a["seconds"]["median"] / b["seconds"]["median"]
+                    if q > 1:
+                        worse.append(f"{r['model']} {q:.2f}x")
+            rows.append([f"fuse() time <= torch.fx fuse on every zoo model ({mode})",
+                         f"slower on {len(worse)} of {n}" + (": " + ", ".join(worse)
+                                                            if worse else ""),
+                         _ok(not worse and n > 0)])
+    if latency:
+        rs = [r for r in latency["results"] if r["ratios"].get("fused/deleted")]
+        bad = [f"{r['model']} b{r['batch']} t{r['threads']} "
+               f"{r['ratios']['fused/deleted']['median']:.3f}" for r in rs
+               if not _latency_met(r)]
+        rows.append(["fused latency within 3% of BN-deleted, or within the noise band",
+                     f"{len(rs) - len(bad)} of {len(rs)} cases" +
+                     (" (not: " + ", ".join(bad) + ")" if bad else ""), _ok(not bad)])
+    if precision:
+        for r in precision["results"]["weights"]:
+            if r["method"] == "fusion" and r["dtype"] == "fp32" and "weight" in r:
+                w, b = r["weight"], r["bias"]
+                ok = w["identical"] >= TARGETS["identical"] and w["max_ulp"] <= 1 and \
+                    b["max_ulp"] <= 1
+                rows.append(["fused fp32 weights >= 99.9% identical to exact, all within "
+                             "1 ULP", f"weights {w['identical']:.3%} (max {w['max_ulp']} "
+                             f"ULP), bias {b['identical']:.1%} (max {b['max_ulp']} ULP)",
+                             _ok(ok)])
+    return common.md_table(["target", "measured", ""], rows, align=["---"] * 3)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--raw", default=common.RAW)
+    ap.add_argument("--out", default=common.RESULTS)
+    ap.add_argument("--mode", default="quick")
+    ap.add_argument("--elapsed", type=float, default=None,
+                    help="seconds the whole run took, for the header")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    fuse = _load(args.raw, "fuse_time")
+    scaling = _load(args.raw, "fuse_time_synthetic")
+    memory = _load(args.raw, "memory")
+    throughput = _load(args.raw, "throughput")
+    latency = _load(args.raw, "latency")
+    precision = _load(args.raw, "precision")
+    profile = _load(args.raw, "profile")
+    sections = [("fuse time", fuse), ("fuse time, synthetic", scaling),
+                ("memory", memory), ("throughput", throughput), ("latency", latency),
+                ("precision", precision), ("profile", profile)]
+    plots = []
+    if fuse:
+        plot_fuse_time(fuse, os.path.join(args.out, "fuse_time.png"))
+        plots.append("fuse_time.png")
+    if scaling or memory:
+        plot_headline(scaling, memory, os.path.join(args.out, "headline.png"))
+        plots.append("headline.png")
+    if memory:
+        plot_memory(memory, os.path.join(args.out, "memory.png"))
+        plots.append("memory.png")
+    if throughput:
+        plot_throughput(throughput, os.path.join(args.out, "throughput.png"))
+        plots.append("throughput.png")
+    if latency:
+        plot_latency(latency, os.path.join(args.out, "latency.png"))
+        plots.append("latency.png")
+
+    md = ["# Benchmark results", "",
+          f"Generated by `benchmarks/run.py --{args.mode}` (`make bench` runs --quick, "
+          "`make bench-full` runs --full)"
+          + (f" in {args.elapsed / 60:.1f} minutes" if args.elapsed else "")
+          + ". Each script's docstring says what it measures and how; every number "
+          "below comes from the raw files in benchmarks/results/raw/ (not committed).",
+          "", "Contenders: fusion `fuse(m)` and `fuse(m, inplace=True)`; "
+          "`torch.fx.experimental.optimization.fuse` copying and in place; "
+          "`torch.ao.quantization.fuse_modules` with the Conv+BN pairs that "
+          "`fusion.analyze` proves (computed untimed, as its caller would list them); the "
+          "naive loop of `torch.nn.utils.fusion.fuse_conv_bn_eval` over adjacent children; "
+          "and the diagonal-matrix fold of detector code (`torch.mm(torch.diag(scale), "
+          "w.view(out, -1))` into a new conv). The last two change the model's module "
+          "tree in place but allocate new weights.", "",
+          "## Targets", "", targets(fuse, memory, throughput, latency, precision), ""]
+    if fuse or scaling:
+        md += ["## 1. fuse() wall time", ""]
+        if fuse:
+            md += [fuse_time_section(fuse, "torchvision zoo"), "",
+                   "![fuse time](fuse_time.png)", ""]
+        if scaling:
+            md += [fuse_time_section(scaling, "Synthetic Conv2d+BatchNorm2d stacks: "
+                                     "cost against size"), "", "![headline](headline.png)",
+                   ""]
+    if memory:
+        md += ["## 2. Peak extra memory during fuse", "", memory_section(memory), "",
+               "![memory](memory.png)", ""]
+    if throughput:
+        md += ["## 3. Fold throughput of the core", "", throughput_section(throughput), "",
+               "![throughput](throughput.png)", ""]
+    if latency:
+        md += ["## 4. Fused-model inference latency", "", latency_section(latency), "",
+               "![latency](latency.png)", ""]
+    if precision:
+        md += ["## 5. Precision", "", precision_section(precision), ""]
+    if profile:
+        md += ["## 6. Where fuse() spends its time", "", profile_section(profile), ""]
+    md += ["## Environment of each measurement", "", env_table(sections), ""]
+    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+        f.write("\n".join(md))
+    with open(os.path.join(args.out, "README-table.md"), "w") as f:
+        f.write(readme_table(fuse, memory, throughput, precision, latency))
+    print(f"wrote {os.path.join(args.out, 'RESULTS.md')}, README-table.md and "
+          f"{', '.join(plots)}")
+
+
+if __name__ == "__main__":
+    main()
