@@ -11,6 +11,7 @@
  */
 #include "fold.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -373,11 +374,11 @@ typedef struct {
 } rest_dims;
 
 static void
-rest_collapse(const fusion_view *w, rest_dims *r)
+rest_collapse(const fusion_view *w, int first, rest_dims *r)
 {
     r->n = 0;
     r->numel = 1;
-    for (int d = 2; d < w->ndim; d++) {
+    for (int d = first; d < w->ndim; d++) {
         int64_t size = w->sizes[d], stride = w->strides[d];
         r->numel *= size;
         if (size == 1) {
@@ -435,10 +436,39 @@ rest_collapse(const fusion_view *w, rest_dims *r)
  * sums products that may cancel. Returns 0, or -1 with *bad set to the
  * offset of the first non-finite value: under a negative stride an offset is
  * negative, so it cannot double as the "found" flag. */
+static int run_first_nonfinite(const fusion_view *w, int64_t off,
+                               int64_t count, int64_t stride, int64_t *bad);
+
+/* The check pass reads every weight once; for float32 and float64 without a
+ * sum this loop is branch-free so that the compiler vectorises it, and a
+ * second, scalar pass finds the position only when something is not finite. */
+#define MAXABS_FAST(T, ABS, LIMIT)                                           \
+    do {                                                                     \
+        const T *p = (const T *)w->data + off;                               \
+        T m = 0;                                                             \
+        int nonfinite = 0;                                                   \
+        for (int64_t k = 0; k < count; k++) {                                \
+            T a = ABS(p[k * stride]); /* not a sign branch: mispredicted */  \
+            nonfinite |= !(a <= (LIMIT));                                    \
+            m = a > m ? a : m;                                               \
+        }                                                                    \
+        if (nonfinite) {                                                     \
+            return run_first_nonfinite(w, off, count, stride, bad);          \
+        }                                                                    \
+        *max = (double)m;                                                    \
+        return 0;                                                            \
+    } while (0)
+
 static int
 run_maxabs_sum(const fusion_view *w, int64_t off, int64_t count,
                int64_t stride, double *max, long double *sum, int64_t *bad)
 {
+    if (sum == NULL && w->dtype == FUSION_DTYPE_F32) {
+        MAXABS_FAST(float, fabsf, FLT_MAX);
+    }
+    if (sum == NULL && w->dtype == FUSION_DTYPE_F64) {
+        MAXABS_FAST(double, fabs, DBL_MAX);
+    }
     double m = 0.0;
     long double s = 0.0L, c = 0.0L;
     for (int64_t k = 0; k < count; k++) {
@@ -461,6 +491,20 @@ run_maxabs_sum(const fusion_view *w, int64_t off, int64_t count,
     }
     *max = m;
     return 0;
+}
+
+static int
+run_first_nonfinite(const fusion_view *w, int64_t off, int64_t count,
+                    int64_t stride, int64_t *bad)
+{
+    for (int64_t k = 0; k < count; k++) {
+        int64_t o = off + k * stride;
+        if (!isfinite(fusion_load(elem_ptr(w, o), w->dtype))) {
+            *bad = o;
+            return -1;
+        }
+    }
+    return 0; /* not reached when called after a failed fast pass */
 }
 
 static void
@@ -774,7 +818,15 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
     int64_t d0 = w->sizes[0], d1 = w->sizes[1];
     int64_t a = fold->map == FUSION_GROUPED ? d0 / fold->groups : 1;
     rest_dims r;
-    rest_collapse(w, &r);
+    if (fold->map == FUSION_AXIS0) {
+        /* One scale per i0: dims 1.. form one run (a 1x1 conv's rows would
+         * otherwise be runs of a single element). */
+        rest_collapse(w, 1, &r);
+        d1 = 1;
+    }
+    else {
+        rest_collapse(w, 2, &r);
+    }
     int empty = view_numel(w) == 0; /* no weight to read, biases still due */
     for (int64_t o = 0; o < d_out; o++) {
         new_bias[o] = 0.0;
@@ -870,7 +922,15 @@ fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
     int64_t d0 = w->sizes[0], d1 = w->sizes[1];
     int64_t a = fold->map == FUSION_GROUPED ? d0 / fold->groups : 1;
     rest_dims r;
-    rest_collapse(w, &r);
+    if (fold->map == FUSION_AXIS0) {
+        /* One scale per i0: dims 1.. form one run (a 1x1 conv's rows would
+         * otherwise be runs of a single element). */
+        rest_collapse(w, 1, &r);
+        d1 = 1;
+    }
+    else {
+        rest_collapse(w, 2, &r);
+    }
     int64_t numel = view_numel(w);
     if (numel == 0) {
         d0 = 0;
