@@ -137,7 +137,7 @@ def test_head_folds_only_with_example_inputs():
         "bn": "needs_example_inputs", "bn1": "needs_example_inputs"}
 
 
-# --- save, load, copy, pickle ----------------------------------------------------------------
+# --- save, load, copy, pickle ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -184,7 +184,7 @@ def test_pickle(cases, name):
     assert torch.equal(run(clone, x), run(fused, x))
 
 
-# --- TorchScript ---------------------------------------------------------------------------------
+# --- TorchScript ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -211,7 +211,7 @@ def test_jit_trace(cases, name):
     assert "batch_norm" not in str(traced.inlined_graph)
 
 
-# --- apply_plan ------------------------------------------------------------------------------------
+# --- apply_plan -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -257,7 +257,7 @@ def test_state_dict_of_fused_model_does_not_load_into_unplanned_model(cases):
         builder().load_state_dict(fused.state_dict())
 
 
-# --- ONNX -------------------------------------------------------------------------------------------
+# --- ONNX -----------------------------------------------------------------------------
 
 
 def onnx_ops(model, x):

@@ -162,9 +162,8 @@ def test_native_module_built_for_another_torch_version(tmp_path, kind):
         else:
             (dest / "_C.py").write_text('torch_version = "0.9.1"\n')
 
-    last = assert_explained(import_in(package_copy(tmp_path, other)),
-                            "was built against torch 0.9.1",
-                            f"but torch {RUNNING} is installed")
+    assert_explained(import_in(package_copy(tmp_path, other)),
+                     "was built against torch 0.9.1", f"but torch {RUNNING} is installed")
 
 
 def test_same_version_string_passes_the_check(tmp_path):

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-import fusion
 from conftest import _bits, assert_unchanged, snapshot
 from fusion import FusionError, fuse, rewrite
 from fusion import verify as fusion_verify
@@ -90,7 +89,7 @@ def fold_error(code, what, index=-1, value=0.0):
     return exc
 
 
-# --- a failure in the third of five pairs writes nothing -------------------------------
+# --- a failure in the third of five pairs writes nothing ------------------------------
 
 
 @pytest.mark.parametrize("inplace", [True, False])
@@ -199,7 +198,7 @@ def test_every_check_runs_before_the_first_write(monkeypatch):
     assert spy.events == ["prepare"] * 5 + ["apply"] * 5
 
 
-# --- the write phase has no failure path --------------------------------------------------
+# --- the write phase has no failure path ----------------------------------------------
 
 #: Every function the write phase may call, by the name it is called by. Each
 #: of these cannot fail on what prepare() hands over. Adding a call to
@@ -313,7 +312,7 @@ def test_fold_apply_writes_once():
     assert torch.equal(weight, once)
 
 
-# --- verification failure restores the model -------------------------------------------------
+# --- verification failure restores the model ------------------------------------------
 
 
 def plant(monkeypatch, layer, channel=1, factor=1.01):
