@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Set
 import torch
 from torch import fx, nn
 
+from .errors import FusionError
 from .layers import is_norm_module
 
 __all__ = []
@@ -249,8 +250,19 @@ def flow_from_run(model, example_inputs):
             if is_interesting(m):
                 handles.append(m.register_forward_pre_hook(rec.pre_hook))
                 handles.append(m.register_forward_hook(rec.post_hook))
-        with MODEL_LOCK, torch.no_grad(), _Mode():
-            output = model(*example_inputs)
+        try:
+            with MODEL_LOCK, torch.no_grad(), _Mode():
+                output = model(*example_inputs)
+        except Exception as exc:
+            if not rec.stack:
+                raise
+            # Tracked modules are leaves: one still running is where it failed.
+            name = rec.stack[-1].name
+            raise FusionError(
+                f"{name}: the forward on example_inputs raised {type(exc).__name__} "
+                f"inside this module: {exc}. Check that the model runs on these "
+                f"inputs; if it does not, fix this module's state (e.g. reload its "
+                f"state_dict) or the inputs.", name, "example_inputs") from exc
         rec.finish(output)
     finally:
         for h in handles:

@@ -473,8 +473,20 @@ def test_rtol_not_positive(rtol):
 
 
 def test_example_inputs_the_model_rejects():
-    expect_error(net, FusionError, None, "example_inputs", "RuntimeError",
+    # the first conv is where the forward fails
+    expect_error(net, FusionError, "stem.0", "example_inputs", "RuntimeError",
+                 "to have 3 channels", "Check that the model runs on these inputs",
                  code="example_inputs", example_inputs=torch.randn(2, 5, 8, 8))
+
+
+def test_example_inputs_failing_outside_any_layer():
+    def build():
+        model = net()
+        model.forward = lambda x: x.reshape(-1, 7)  # fails before any module runs
+        return model
+
+    expect_error(build, FusionError, None, "the forward on example_inputs raised",
+                 "RuntimeError", code="example_inputs", example_inputs=torch.randn(*SHAPE))
 
 
 # --- fuse_conv_and_bn -----------------------------------------------------------------

@@ -132,14 +132,14 @@ def test_shape_error_in_third_pair_with_example_inputs_writes_nothing(inplace):
     assert_unchanged(model, snap)
 
 
-@pytest.mark.xfail(strict=True, reason="a forward that fails in the recorded run is "
-                   "reported as bad example_inputs, naming no layer (see the report)")
 def test_shape_error_in_recorded_run_names_the_layer():
     model = five()
     model.pairs[2].bn.running_mean = torch.zeros(7)
     with pytest.raises(FusionError) as info:
         fuse(model, example_inputs=inputs())
-    assert info.value.layer == "pairs.2.bn"
+    assert info.value.layer == "pairs.2.bn" and info.value.code == "example_inputs"
+    assert str(info.value).startswith("pairs.2.bn: ")
+    assert "running_mean should contain 5 elements not 7" in str(info.value)
 
 
 @pytest.mark.parametrize("error,exc_type,layer", [
