@@ -300,7 +300,10 @@ view_disjoint(const fusion_view *v)
     int64_t sizes[FUSION_MAX_DIMS], strides[FUSION_MAX_DIMS];
     int n = 0;
     for (int d = 0; d < v->ndim; d++) {
-        if (v->sizes[d] <= 1) {
+        if (v->sizes[d] == 0) {
+            return 1; /* no elements, nothing to reach twice */
+        }
+        if (v->sizes[d] == 1) {
             continue;
         }
         if (v->strides[d] == INT64_MIN) {
