@@ -12,7 +12,7 @@ DEBS := python3-torch libtorch-dev python3-torchvision python3-dev \
         python3-setuptools python3-pytest python3-numpy python3-venv \
         python3-onnx python3-matplotlib python3-tqdm python3-psutil \
         libopenblas0-pthread build-essential ninja-build \
-        clang libclang-rt-14-dev libfuzzer-14-dev valgrind
+        clang libclang-rt-14-dev libfuzzer-14-dev valgrind flake8
 
 NATIVE_SRC := csrc/fold.c csrc/fold.h csrc/module.c csrc/torch_shim.cpp csrc/torch_shim.h
 
@@ -24,7 +24,7 @@ PYTEST_ARGS ?=
 setup: install
 
 deps: $(STAMPS)/deps
-$(STAMPS)/deps:
+$(STAMPS)/deps: Makefile
 	@mkdir -p $(STAMPS)
 	@missing=""; for p in $(DEBS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" \

@@ -139,19 +139,24 @@ _INT_OF = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0
            torch.float64: (torch.int64, 0x7FFFFFFFFFFFFFFF)}
 
 
-def _ordered(t):
-    """Float bits as integers that are monotonic in the value: adjacent floats
-    differ by 1, so a difference of these is a distance in ULPs."""
-    int_type, mask = _INT_OF[t.dtype]
-    i = t.detach().cpu().contiguous().view(int_type).long()
+def _ordered(bits, mask):
+    """Float bits (as integers) mapped to integers that are monotonic in the
+    value: adjacent floats differ by 1, so a difference is a distance in ULPs."""
+    i = bits.long()
     return torch.where(i < 0, -(i & mask), i)
 
 
 def _ulps(value, reference) -> int:
     """Largest ULP distance of ``value`` from the float64 ``reference`` rounded to
-    its dtype."""
-    ref = reference.to(value.dtype)
-    return int((_ordered(value) - _ordered(ref)).abs().max()) if ref.numel() else 0
+    its dtype. Only the elements whose bits differ are converted, since nearly
+    all are identical."""
+    int_type, mask = _INT_OF[value.dtype]
+    a = value.detach().cpu().contiguous().view(int_type)
+    b = reference.to(value.dtype).contiguous().view(int_type)
+    differ = a != b
+    if not bool(differ.any()):
+        return 0
+    return int((_ordered(a[differ], mask) - _ordered(b[differ], mask)).abs().max())
 
 
 #: ULPs allowed between a fused value and the float64 reference rounded once.
@@ -207,9 +212,11 @@ def _sensitivity(fused, args, prepared, y_fused):
             for t in (p.layer.weight, p.layer.bias):
                 eps = max(torch.finfo(t.dtype).eps, torch.finfo(torch.float32).eps) \
                     if t.dtype != torch.float64 else torch.finfo(torch.float64).eps
-                noise = torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1
                 saved.append((t, t.detach().clone()))
-                t.copy_((t.double().cpu() * (1 + noise * eps / 2)).to(t.dtype))
+                # w * (1 + u), u uniform in [-eps/2, eps/2), formed in float64
+                factor = torch.rand(t.shape, generator=gen, dtype=torch.float32).double()
+                factor.sub_(0.5).mul_(eps).add_(1.0)
+                t.copy_(factor.mul_(t.detach().cpu()))
         try:
             y = run_model(fused, args)
         finally:

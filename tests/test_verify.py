@@ -9,9 +9,11 @@ from fusion import FusionError, fuse, rewrite, verify
 from zoo import build
 
 
+# The whole zoo in three dtypes is in benchmarks/verify_calibration.py (its
+# results: benchmarks/results/verify_calibration.md); these are the models the
+# tolerance is tightest on, and resnet50, whose half models err the most.
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0",
-                                  "densenet121", "inception_v3"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenet_v2", "densenet121"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_correct_folds_pass_verification(name, dtype):
     model = build(name).to(dtype)
