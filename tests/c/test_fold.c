@@ -74,11 +74,11 @@ check_failed(const char *file, int line, const char *cond, const char *fmt,
     fputc('\n', stderr);
 }
 
-#define CHECK(cond, ...)                                                     \
-    do {                                                                     \
-        if (!(cond)) {                                                       \
-            check_failed(__FILE__, __LINE__, #cond, __VA_ARGS__);            \
-        }                                                                    \
+#define CHECK(cond, ...)                                                      \
+    do {                                                                      \
+        if (!(cond)) {                                                        \
+            check_failed(__FILE__, __LINE__, #cond, __VA_ARGS__);             \
+        }                                                                     \
     } while (0)
 
 static void
@@ -153,8 +153,8 @@ rng_normal(void)
 /* ------------------------------------------------------------------------ */
 /* The reference's own view of the dtypes, independent of fold.c.           */
 
-static const fusion_dtype ALL_DTYPES[4] = {
-    FUSION_DTYPE_F16, FUSION_DTYPE_BF16, FUSION_DTYPE_F32, FUSION_DTYPE_F64};
+static const fusion_dtype ALL_DTYPES[4] = {FUSION_DTYPE_F16, FUSION_DTYPE_BF16,
+                                           FUSION_DTYPE_F32, FUSION_DTYPE_F64};
 
 static const char *
 dtype_name(fusion_dtype dt)
@@ -594,8 +594,8 @@ test_store_random(void)
             bad_fits += fusion_fits(x, dt) != want_fits;
             if (want_fits) {
                 bad += store_bits(dt, x) != want;
-                bad += fusion_load(&(uint64_t){want}, dt) !=
-                       ref_decode(dt, want);
+                bad +=
+                    fusion_load(&(uint64_t){want}, dt) != ref_decode(dt, want);
             }
         }
         CHECK(bad == 0, "%s: %" PRId64 " of 40000 stores differ",
@@ -815,9 +815,9 @@ typedef struct {
     int map, layout, ndim;
     int64_t sizes[FUSION_MAX_DIMS];
     int64_t groups;
-    int bias;       /* 0: none, 1: separate bias_out, 2: bias_out is bias_in */
-    int affine;     /* bit 0: norm weight, bit 1: norm bias */
-    int post;       /* 0: none; else 1 + post affine bits */
+    int bias;   /* 0: none, 1: separate bias_out, 2: bias_out is bias_in */
+    int affine; /* bit 0: norm weight, bit 1: norm bias */
+    int post;   /* 0: none; else 1 + post affine bits */
     double eps, post_eps;
 } fold_case;
 
@@ -919,8 +919,8 @@ fixture_make(fixture *f, const fold_case *c)
     f->norm.bias = f->beta.v;
     f->norm.eps = c->eps;
     if (c->post) {
-        fill_norm(&f->pmean, &f->pvar, &f->pgamma, &f->pbeta, c->sdt,
-                  f->d_out, (c->layout + 2) % LAYOUT_COUNT, c->post - 1);
+        fill_norm(&f->pmean, &f->pvar, &f->pgamma, &f->pbeta, c->sdt, f->d_out,
+                  (c->layout + 2) % LAYOUT_COUNT, c->post - 1);
         f->post.mean = f->pmean.v;
         f->post.var = f->pvar.v;
         f->post.weight = f->pgamma.v;
@@ -975,8 +975,8 @@ fixture_check(fixture *f, fusion_where *where)
     where->what = NULL;
     where->index = -1;
     where->value = 0.0;
-    fusion_status st = fusion_norm_affine(&f->norm, f->channels, f->scale,
-                                          f->shift, where);
+    fusion_status st =
+        fusion_norm_affine(&f->norm, f->channels, f->scale, f->shift, where);
     if (st != FUSION_OK) {
         return st;
     }
@@ -1087,9 +1087,8 @@ fixture_verify(fixture *f)
 
     tensor orig_b = f->bias_in;
     if (c->bias) {
-        orig_b.v.data =
-            orig_b.snapshot +
-            ((unsigned char *)f->bias_in.v.data - f->bias_in.storage);
+        orig_b.v.data = orig_b.snapshot + ((unsigned char *)f->bias_in.v.data -
+                                           f->bias_in.storage);
     }
     worst = 0;
     worst_at = -1;
@@ -1101,8 +1100,8 @@ fixture_verify(fixture *f)
             mag = quad_abs(b) + bias_mag[o];
             if (c->post) {
                 quad pm = tensor_get(&f->pmean, o);
-                quad pb = f->pbeta.storage ? (quad)tensor_get(&f->pbeta, o)
-                                           : 0;
+                quad pb =
+                    f->pbeta.storage ? (quad)tensor_get(&f->pbeta, o) : 0;
                 want = (want - pm) * ps[o] + pb;
                 mag = (mag + quad_abs(pm)) * quad_abs(ps[o]) + quad_abs(pb);
             }
@@ -1192,8 +1191,9 @@ static void
 case_shape(fold_case *c, int groups_kind)
 {
     c->ndim = (int)rng_int(2, 5);
-    int64_t g = groups_kind == 0 ? 1 : groups_kind == 1 ? rng_int(2, 4)
-                                                        : rng_int(2, 6);
+    int64_t g = groups_kind == 0   ? 1
+                : groups_kind == 1 ? rng_int(2, 4)
+                                   : rng_int(2, 6);
     int64_t per_group_0 = groups_kind == 2 ? 1 : rng_int(1, 4);
     int64_t d1 = groups_kind == 2 ? 1 : rng_int(1, 5);
     c->groups = g;
@@ -1274,8 +1274,8 @@ test_fold_large(void)
             c.post = map == MAP_BEFORE_GROUPED ? 4 : 0;
             c.eps = 1e-5;
             c.post_eps = 1e-5;
-            snprintf(g_context, sizeof g_context, "%s %s",
-                     dtype_name(c.wdt), MAP_NAMES[map]);
+            snprintf(g_context, sizeof g_context, "%s %s", dtype_name(c.wdt),
+                     MAP_NAMES[map]);
             run_case(&c);
         }
     }
@@ -1382,7 +1382,7 @@ expect_failure_at(fixture *f, fusion_status st, const char *what,
           line);
 }
 
-#define expect_failure(f, st, what, index)                                   \
+#define expect_failure(f, st, what, index)                                    \
     expect_failure_at((f), (st), (what), (index), __LINE__)
 
 /* The module.c sequence, then the write only if the check passed, as the
@@ -1500,9 +1500,10 @@ test_variance(void)
         f.norm.eps = 1.5e308;
         fusion_where where;
         CHECK(fusion_norm_affine(&f.norm, 2, f.scale, f.shift, &where) ==
-                  FUSION_OK, "affine");
-        double want = (double)((quad)1e300 /
-                               quad_sqrt((quad)1.5e308 + (quad)1.5e308));
+                  FUSION_OK,
+              "affine");
+        double want =
+            (double)((quad)1e300 / quad_sqrt((quad)1.5e308 + (quad)1.5e308));
         CHECK(fabs(f.scale[0] - want) <= 4 * DBL_EPSILON * want,
               "scale %g, expected %g", f.scale[0], want);
         /* 1 * 5.8e145 does not fit float32. */
@@ -1547,8 +1548,8 @@ test_overflow(void)
          FUSION_E_OVERFLOW, "weight"},
         {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 2.5, 0, 0, 0,
          FUSION_E_OVERFLOW, "weight"},
-        {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 1.75, 0, 0, 0,
-         FUSION_OK, NULL},
+        {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 1.75, 0, 0, 0, FUSION_OK,
+         NULL},
         /* Each factor fits; only their product with the post scale does
          * not. */
         {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 1.5, 1.5, 0, 0,
@@ -1628,11 +1629,14 @@ test_shapes_and_arguments(void)
     f.norm.mean.dtype = FUSION_DTYPE_F32;
     CHECK(fixture_check(&f, &where) == FUSION_OK, "restored fixture");
     CHECK(fusion_norm_affine(NULL, 4, f.scale, f.shift, &where) ==
-              FUSION_E_ARG, "norm NULL");
+              FUSION_E_ARG,
+          "norm NULL");
     CHECK(fusion_norm_affine(&f.norm, 4, NULL, f.shift, &where) ==
-              FUSION_E_ARG, "scale NULL");
+              FUSION_E_ARG,
+          "scale NULL");
     CHECK(fusion_norm_affine(&f.norm, -1, f.scale, f.shift, &where) ==
-              FUSION_E_ARG, "channels -1");
+              FUSION_E_ARG,
+          "channels -1");
 
     /* Producer biases of the wrong length or rank. */
     f.fold.bias_in.sizes[0] = 3;
@@ -2022,8 +2026,8 @@ test_known_answers(void)
         }
         check_and_apply(&f, "linear");
         for (int64_t i = 0; i < 6; i++) {
-            CHECK(tensor_get(&f.w, i) == w[i] * 8.0, "linear weight[%" PRId64
-                  "] = %g", i, tensor_get(&f.w, i));
+            CHECK(tensor_get(&f.w, i) == w[i] * 8.0,
+                  "linear weight[%" PRId64 "] = %g", i, tensor_get(&f.w, i));
         }
         /* b' = ((0.25 + W[o,1] + W[o,2]) - 1) * 4 + 3 */
         CHECK(tensor_get(&f.bias_out, 0) == ((0.25 + 2 + 3) - 1) * 4 + 3,

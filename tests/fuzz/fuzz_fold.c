@@ -398,8 +398,8 @@ tensor_make(tensor *t, reader *r, fusion_dtype dt, int ndim,
 
     /* Where the elements lie, and whether two indices meet. */
     int64_t min = 0, max = 0;
-    int64_t *offs = malloc((size_t)(t->numel > 0 ? t->numel : 1) *
-                           sizeof(int64_t));
+    int64_t *offs =
+        malloc((size_t)(t->numel > 0 ? t->numel : 1) * sizeof(int64_t));
     if (offs == NULL) {
         fail("out of memory");
     }
@@ -419,8 +419,8 @@ tensor_make(tensor *t, reader *r, fusion_dtype dt, int ndim,
     int n = 0;
     for (int d = 0; d < ndim; d++) {
         if (t->v.sizes[d] > 1) {
-            int64_t s = t->v.strides[d] < 0 ? -t->v.strides[d]
-                                            : t->v.strides[d];
+            int64_t s =
+                t->v.strides[d] < 0 ? -t->v.strides[d] : t->v.strides[d];
             int k = n++;
             while (k > 0 && st[k - 1] > s) {
                 st[k] = st[k - 1];
@@ -515,8 +515,7 @@ tensor_unchanged(const tensor *t)
 static double
 tensor_orig(const tensor *t, int64_t i)
 {
-    const unsigned char *p =
-        t->snapshot + (elem_ptr(t, i) - t->alloc);
+    const unsigned char *p = t->snapshot + (elem_ptr(t, i) - t->alloc);
     return decode(t->v.dtype, read_bits(p, t->v.dtype));
 }
 
@@ -578,7 +577,7 @@ typedef struct {
 static double
 rd_eps(reader *r)
 {
-    static const double table[8] = {1e-5, 1e-3, 0.0,    0.1,
+    static const double table[8] = {1e-5, 1e-3,  0.0,    0.1,
                                     1.0,  -1e-5, 1e-300, 1e308};
     unsigned k = rd_u8(r) % 9;
     if (k < 8) {
@@ -665,8 +664,8 @@ fold_make(fold_input *in, reader *r)
     unsigned bias = rd_u8(r) % 3; /* none, separate, bias_out is bias_in */
     int bmode = (int)rd_below(r, 3);
     if (bias != 0) {
-        vector_make(&in->t[T_BIAS_IN], r, bdt, vector_len(r, in->d_out),
-                    bmode, 0);
+        vector_make(&in->t[T_BIAS_IN], r, bdt, vector_len(r, in->d_out), bmode,
+                    0);
         in->fold.bias_in = in->t[T_BIAS_IN].v;
     }
     if (bias == 2) {
@@ -705,8 +704,8 @@ fold_free(fold_input *in)
 /* The oracle.                                                               */
 
 typedef struct {
-    unsigned must;  /* statuses of reasons that hold: the fold must fail */
-    unsigned may;   /* statuses allowed beyond those, e.g. near overflow */
+    unsigned must; /* statuses of reasons that hold: the fold must fail */
+    unsigned may;  /* statuses allowed beyond those, e.g. near overflow */
 } verdict;
 
 /* Records every reason a 1-D view of n elements is bad (the core reports
@@ -728,8 +727,8 @@ vector_ok(const tensor *t, int64_t n, verdict *v)
 
 /* The exact affine map of channel c; flags reasons to fail. */
 static void
-exact_affine(const fold_input *in, int first, double eps, int64_t c,
-             quad *s, quad *t, verdict *v)
+exact_affine(const fold_input *in, int first, double eps, int64_t c, quad *s,
+             quad *t, verdict *v)
 {
     const tensor *mean = &in->t[first], *var = &in->t[first + 1];
     const tensor *gamma = &in->t[first + 2], *beta = &in->t[first + 3];
@@ -946,9 +945,8 @@ oracle(const fold_input *in, exact_fold *e)
             const tensor *be = &in->t[T_BETA];
             quad beta = be->present ? (quad)tensor_get(be, o) : 0;
             e->bias[o] = (b - m) * e->s[o] + beta;
-            e->mag[o] =
-                (quad_abs(b) + quad_abs(m)) * quad_abs(e->s[o]) +
-                quad_abs(beta);
+            e->mag[o] = (quad_abs(b) + quad_abs(m)) * quad_abs(e->s[o]) +
+                        quad_abs(beta);
         }
         judge_fit(bo->v.dtype, e->bias[o], &v);
         /* The bias is summed in long double and rounded to double before
@@ -990,9 +988,10 @@ static void
 report_value(const char *what, int64_t i, fusion_dtype dt, uint64_t got,
              quad exact, quad res)
 {
-    fprintf(stderr, "%s[%lld]: got %.17g, exact %.17g, resolution %.3g, "
-            "%lld ULP\n", what, (long long)i, decode(dt, got), (double)exact,
-            (double)res,
+    fprintf(stderr,
+            "%s[%lld]: got %.17g, exact %.17g, resolution %.3g, "
+            "%lld ULP\n",
+            what, (long long)i, decode(dt, got), (double)exact, (double)res,
             (long long)ulp_distance(dt, got, round_to(dt, exact)));
 }
 
@@ -1007,8 +1006,8 @@ judge_values(const fold_input *in, const exact_fold *e)
     fusion_dtype wdt = w->v.dtype;
     /* A weight is one product: a float64 scale (a few roundings) for the
      * narrower dtypes, a long double one for float64. */
-    quad wres = wdt == FUSION_DTYPE_F64 && wide ? (quad)0x1p-58
-                                                : (quad)0x1p-49;
+    quad wres =
+        wdt == FUSION_DTYPE_F64 && wide ? (quad)0x1p-58 : (quad)0x1p-49;
     for (int64_t i = 0; i < w->numel; i++) {
         int64_t i0 = i / (d1 * inner), i1 = (i / inner) % d1;
         int64_t c = channel_of(in, i0, i1);
