@@ -6,9 +6,9 @@ never see a model another one changed). The contenders run in alternating,
 rotated order (ABCD, BCDA, ...) for ``--rounds`` rounds and the median and
 quartiles of each are reported. gc.collect() runs before every timed call.
 
-Before timing, each contender's result is checked once: how many BatchNorm
-modules it left, and the relative output error against the original model on
-one small random input (a wrong fold shows up here).
+The result of each contender's first timed call is checked (untimed): how
+many BatchNorm modules it left, and the relative output error against the
+original model on one small random input (a wrong fold shows up here).
 
 Usage:
     benchmarks/bench_fuse_time.py --models resnet18 synthetic-64MB --rounds 5 \
@@ -36,29 +36,27 @@ def _probe_input(name, model):
     return torch.randn(1, 3, 96, 96, generator=gen)
 
 
-def check(name, base, contender, pairs):
-    """BatchNorms left and output error of one fused result."""
-    x = _probe_input(name, base)
-    try:
-        fused = contender(common.fresh(base), pairs)
-    except Exception as exc:
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-    with torch.no_grad():
-        y, yf = base(x), fused(x)
-    return {"bn_left": common.count_bn(fused), "rel_err": _rel_err(y, yf)}
-
-
 def bench_model(name, rounds, keys, cache_dir):
     base = common.build_model(name, cache_dir)
     pairs = common.pairs_for(base)
     row = {"model": name, "model_bytes": common.model_bytes(base),
            "bn": common.count_bn(base), "pairs_for_fuse_modules": len(pairs),
-           "threads": torch.get_num_threads(), "contenders": {}}
-    for key in keys:
-        row["contenders"][key] = check(name, base, common.BY_KEY[key], pairs)
-    cases = {k: (lambda m, k=k: common.BY_KEY[k](m, pairs)) for k in keys
-             if "error" not in row["contenders"][k]}
-    times, errors = common.interleaved(cases, rounds, setup=lambda k: common.fresh(base))
+           "threads": torch.get_num_threads(), "contenders": {k: {} for k in keys}}
+    x = _probe_input(name, base)
+    with torch.no_grad():
+        y = base(x)
+
+    def check(key, fused):
+        """BatchNorms left and output error of a contender's first result."""
+        c = row["contenders"][key]
+        if "bn_left" not in c:
+            with torch.no_grad():
+                c["bn_left"] = common.count_bn(fused)
+                c["rel_err"] = _rel_err(y, fused(x))
+
+    cases = {k: (lambda m, k=k: common.BY_KEY[k](m, pairs)) for k in keys}
+    times, errors = common.interleaved(cases, rounds, setup=lambda k: common.fresh(base),
+                                       teardown=check)
     for k in keys:
         c = row["contenders"][k]
         if k in errors:

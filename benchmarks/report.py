@@ -176,14 +176,21 @@ def memory_section(data):
             r = by.get((m, k), {})
             if "error" in r:
                 cells.append("fails")
+            elif "peak_ratio" in r and r.get("runs", 1) > 1:
+                cells.append(f"{r['peak_ratio']:.3f} ({r['peak_ratio_min']:.2f}–"
+                             f"{r['peak_ratio_max']:.2f})")
             elif "peak_ratio" in r:
                 cells.append(f"{r['peak_ratio']:.3f}")
             else:
                 cells.append("-")
         out.append(cells)
+    runs = max((r.get("runs", 1) for r in rows), default=1)
     text = ["Peak RSS rise during one fuse call / model bytes, each case in a fresh "
-            f"process (peak: {data['environment'].get('peak_method')}). Copy mode "
-            "includes the fused copy, so it cannot be below 1.", "",
+            f"process ({data['environment'].get('process_per_case', 'subprocess')}; peak: "
+            f"{data['environment'].get('peak_method')}). Copy mode includes the fused "
+            "copy, so it cannot be below 1."
+            + (f" Each case ran {runs} times: the median run, (min–max)." if runs > 1
+               else ""), "",
             common.md_table(["model", "MiB"] + [LABELS[k] for k in keys], out)]
     errs = [[r["model"], LABELS[r["contender"]], r["error"][:100]] for r in rows
             if "error" in r]

@@ -51,15 +51,16 @@ def steps(mode, raw):
          ["--models", *synth, "--rounds", "3" if quick else "5",
           "--threads", *(["1"] if quick else ["1", "2"])] + out("fuse_time_synthetic")),
         ("memory", "bench_memory.py",
-         ["--models", *zoo, *([big] if quick else ["synthetic-256MB", big])]
-         + out("memory")),
+         ["--models", *zoo, *([big] if quick else ["synthetic-256MB", big]),
+          "--repeats", "1" if quick else "3"] + out("memory")),
         ("throughput", "bench_throughput.py",
-         ["--megabytes", "256", "--threads", "1", "2", "--rounds", "5" if quick else "9",
+         ["--megabytes", "128" if quick else "256", "--threads", "1", "2",
+          "--rounds", "3" if quick else "7",
           "--dtypes", *(["fp32"] if quick else ["fp32", "bf16", "fp16"])]
          + out("throughput")),
         ("latency", "bench_latency.py",
          ["--models", *zoo, "--threads", "1", "2", "--batches", "1", "8"]
-         + (["--budget", "4", "--min-rounds", "5", "--rounds", "21"] if quick else
+         + (["--budget", "3", "--min-rounds", "5", "--rounds", "21"] if quick else
             ["--budget", "15", "--min-rounds", "9", "--rounds", "41", "--variants",
              "unfused", "fused (fusion)", "BN deleted", "fused (torch.fx)"])
          + out("latency")),
@@ -93,7 +94,8 @@ def main(argv=None):
             if args.only and name not in args.only:
                 continue
             cmd = [sys.executable, os.path.join(HERE, script), "--cache-dir", cache] + extra
-            shown = " ".join(os.path.relpath(c) if c.startswith("/") else c for c in cmd[1:])
+            root = os.path.dirname(HERE) + os.sep
+            shown = " ".join(c[len(root):] if c.startswith(root) else c for c in cmd[1:])
             print(f"\n=== {name}: {shown}", flush=True)
             t0 = time.perf_counter()
             rc = subprocess.call(cmd, env=env)
