@@ -405,30 +405,30 @@ rest_collapse(const fusion_view *w, int first, rest_dims *r)
 
 /* Runs over every innermost run of `rest` below the element offset `base`,
  * calling the run kernel with (offset, count, stride). */
-#define FOR_EACH_RUN(r, base, OFF, COUNT, STRIDE, BODY)                      \
-    do {                                                                     \
-        int64_t idx_[FUSION_MAX_DIMS] = {0};                                 \
-        int inner_ = (r)->n - 1;                                             \
-        int64_t COUNT = (r)->sizes[inner_];                                  \
-        int64_t STRIDE = (r)->strides[inner_];                               \
-        for (;;) {                                                           \
-            int64_t OFF = (base);                                            \
-            for (int d_ = 0; d_ < inner_; d_++) {                            \
-                OFF += idx_[d_] * (r)->strides[d_];                          \
-            }                                                                \
-            BODY;                                                            \
-            int d_ = inner_ - 1;                                             \
-            while (d_ >= 0) {                                                \
-                if (++idx_[d_] < (r)->sizes[d_]) {                           \
-                    break;                                                   \
-                }                                                            \
-                idx_[d_] = 0;                                                \
-                d_--;                                                        \
-            }                                                                \
-            if (d_ < 0) {                                                    \
-                break;                                                       \
-            }                                                                \
-        }                                                                    \
+#define FOR_EACH_RUN(r, base, OFF, COUNT, STRIDE, BODY)                       \
+    do {                                                                      \
+        int64_t idx_[FUSION_MAX_DIMS] = {0};                                  \
+        int inner_ = (r)->n - 1;                                              \
+        int64_t COUNT = (r)->sizes[inner_];                                   \
+        int64_t STRIDE = (r)->strides[inner_];                                \
+        for (;;) {                                                            \
+            int64_t OFF = (base);                                             \
+            for (int d_ = 0; d_ < inner_; d_++) {                             \
+                OFF += idx_[d_] * (r)->strides[d_];                           \
+            }                                                                 \
+            BODY;                                                             \
+            int d_ = inner_ - 1;                                              \
+            while (d_ >= 0) {                                                 \
+                if (++idx_[d_] < (r)->sizes[d_]) {                            \
+                    break;                                                    \
+                }                                                             \
+                idx_[d_] = 0;                                                 \
+                d_--;                                                         \
+            }                                                                 \
+            if (d_ < 0) {                                                     \
+                break;                                                        \
+            }                                                                 \
+        }                                                                     \
     } while (0)
 
 /* ------------------------------------------------------------------------ */
@@ -445,21 +445,21 @@ static int run_first_nonfinite(const fusion_view *w, int64_t off,
 /* The check pass reads every weight once; for float32 and float64 without a
  * sum this loop is branch-free so that the compiler vectorises it, and a
  * second, scalar pass finds the position only when something is not finite. */
-#define MAXABS_FAST(T, ABS, LIMIT)                                           \
-    do {                                                                     \
-        const T *p = (const T *)w->data + off;                               \
-        T m = 0;                                                             \
-        int nonfinite = 0;                                                   \
-        for (int64_t k = 0; k < count; k++) {                                \
-            T a = ABS(p[k * stride]); /* not a sign branch: mispredicted */  \
-            nonfinite |= !(a <= (LIMIT));                                    \
-            m = a > m ? a : m;                                               \
-        }                                                                    \
-        if (nonfinite) {                                                     \
-            return run_first_nonfinite(w, off, count, stride, bad);          \
-        }                                                                    \
-        *max = (double)m;                                                    \
-        return 0;                                                            \
+#define MAXABS_FAST(T, ABS, LIMIT)                                            \
+    do {                                                                      \
+        const T *p = (const T *)w->data + off;                                \
+        T m = 0;                                                              \
+        int nonfinite = 0;                                                    \
+        for (int64_t k = 0; k < count; k++) {                                 \
+            T a = ABS(p[k * stride]); /* not a sign branch: mispredicted */   \
+            nonfinite |= !(a <= (LIMIT));                                     \
+            m = a > m ? a : m;                                                \
+        }                                                                     \
+        if (nonfinite) {                                                      \
+            return run_first_nonfinite(w, off, count, stride, bad);           \
+        }                                                                     \
+        *max = (double)m;                                                     \
+        return 0;                                                             \
     } while (0)
 
 static int
@@ -729,8 +729,8 @@ norm_views_check(const fusion_norm *n, int64_t channels, fusion_where *where)
 
 /* Rounds a fused bias value and checks that it fits the bias dtype. */
 static fusion_status
-store_bias(const fusion_fold *fold, int64_t o, long double v,
-           double *new_bias, fusion_where *where)
+store_bias(const fusion_fold *fold, int64_t o, long double v, double *new_bias,
+           fusion_where *where)
 {
     double rounded = (double)v;
     if (!fusion_fits(rounded, fold->bias_out.dtype)) {
@@ -874,8 +874,8 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
                 return FUSION_E_OVERFLOW;
             }
             if (before) {
-                long double x =
-                    row * wide_shift(fold->norm, ch, wide_scale(fold->norm, ch));
+                long double x = row * wide_shift(fold->norm, ch,
+                                                 wide_scale(fold->norm, ch));
                 long double t = acc + x;
                 acc_c +=
                     fabsl(acc) >= fabsl(x) ? (acc - t) + x : (x - t) + acc;

@@ -17,7 +17,8 @@
  *                         It writes no tensor.
  *   fusion_fold_apply()   writes the fused weight in place and the new bias.
  *                         It has no failure path: call it only after a
- *                         successful fusion_fold_check() on the same arguments.
+ *                         successful fusion_fold_check() on the same
+ * arguments.
  *
  * Shapes. A producer weight is viewed as [d0, d1, rest...]. Each element
  * (i0, i1, ...) belongs to one channel of the norm:
@@ -66,7 +67,7 @@ typedef enum {
     FUSION_E_VARIANCE = 6,  /* running_var + eps <= 0 */
     FUSION_E_OVERFLOW = 7,  /* a fused value does not fit the dtype */
     FUSION_E_NOMEM = 8,
-    FUSION_E_OVERLAP = 9    /* a written view reaches an element twice */
+    FUSION_E_OVERLAP = 9 /* a written view reaches an element twice */
 } fusion_status;
 
 /* A strided view of a tensor. data points at element (0, ..., 0). */
@@ -87,14 +88,11 @@ typedef struct {
     double eps;
 } fusion_norm;
 
-typedef enum {
-    FUSION_AXIS0 = 0,
-    FUSION_GROUPED = 1
-} fusion_channel_map;
+typedef enum { FUSION_AXIS0 = 0, FUSION_GROUPED = 1 } fusion_channel_map;
 
 typedef enum {
-    FUSION_NORM_AFTER = 0,  /* W' = W * s, b' = (b - mean) * s + beta */
-    FUSION_NORM_BEFORE = 1  /* W' = W * s, b' = b + sum W * t */
+    FUSION_NORM_AFTER = 0, /* W' = W * s, b' = (b - mean) * s + beta */
+    FUSION_NORM_BEFORE = 1 /* W' = W * s, b' = b + sum W * t */
 } fusion_direction;
 
 /* One fold. weight is written in place. bias_in is optional (absent means a

@@ -58,6 +58,8 @@ status_code(fusion_status st)
             return "overflow";
         case FUSION_E_NOMEM:
             return "nomem";
+        case FUSION_E_OVERLAP:
+            return "overlap";
         default:
             return "unknown";
     }
@@ -182,14 +184,30 @@ to_view(module_state *state, PyObject *obj, const char *name, int optional,
 /* ------------------------------------------------------------------------ */
 /* The Fold object: a checked fold, ready to write.                          */
 
-enum { REF_WEIGHT, REF_BIAS_IN, REF_BIAS_OUT, REF_MEAN, REF_VAR, REF_GAMMA,
-       REF_BETA, REF_POST_MEAN, REF_POST_VAR, REF_POST_GAMMA, REF_POST_BETA,
-       REF_COUNT };
+enum {
+    REF_WEIGHT,
+    REF_BIAS_IN,
+    REF_BIAS_OUT,
+    REF_MEAN,
+    REF_VAR,
+    REF_GAMMA,
+    REF_BETA,
+    REF_POST_MEAN,
+    REF_POST_VAR,
+    REF_POST_GAMMA,
+    REF_POST_BETA,
+    REF_COUNT
+};
 
-/* fold points into norm, post and the arrays below, all owned here. */
+/* fold points into norm, post and the arrays below, all owned here. The
+ * tensors are held (refs), and so are their storages: a tensor given another
+ * storage after prepare() (Tensor.set_) cannot free the memory apply()
+ * writes. */
 typedef struct {
-    PyObject_HEAD
-    PyObject *refs[REF_COUNT];
+    PyObject_HEAD PyObject *refs[REF_COUNT];
+    void *storages[REF_COUNT];
+    const void *storage_data[REF_COUNT];
+    fusion_view *views[REF_COUNT];
     fusion_fold fold;
     fusion_norm norm, post;
     double *arrays; /* scale, shift, post_scale, post_shift, new_bias */
@@ -223,22 +241,61 @@ Fold_dealloc(FoldObject *self)
     PyTypeObject *tp = Py_TYPE(self);
     PyObject_GC_UnTrack(self);
     Fold_clear(self);
+    for (int i = 0; i < REF_COUNT; i++) {
+        fusion_shim_storage_release(self->storages[i]);
+    }
     PyMem_Free(self->arrays);
     tp->tp_free((PyObject *)self);
     Py_DECREF(tp);
 }
 
+/* 1 when every tensor still has the data pointer, sizes, strides and
+ * storage it had in prepare(), else 0. */
+static int
+fold_unchanged(FoldObject *self)
+{
+    for (int i = 0; i < REF_COUNT; i++) {
+        const fusion_view *v = self->views[i];
+        if (self->refs[i] == NULL || self->refs[i] == Py_None || v == NULL ||
+            v->dtype == FUSION_DTYPE_NONE) {
+            continue;
+        }
+        fusion_tensor_info info;
+        char err[64];
+        if (fusion_shim_describe(self->refs[i], &info, err, sizeof err) < 0 ||
+            info.data != v->data || info.ndim != v->ndim ||
+            fusion_shim_storage_data(self->refs[i]) != self->storage_data[i]) {
+            return 0;
+        }
+        for (int d = 0; d < v->ndim; d++) {
+            if (info.sizes[d] != v->sizes[d] ||
+                info.strides[d] != v->strides[d]) {
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+Fold_unchanged(FoldObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(fold_unchanged(self));
+}
+
 /* Writes the fold. There is no failure path here: every check ran in
- * prepare(), and the tensors cannot have been freed since, because this
- * object holds them. A second call does nothing. */
+ * prepare(), and the memory written is held by this object. A tensor whose
+ * layout changed since prepare() (which the caller rules out with
+ * unchanged() before writing anything) is not written. A second call does
+ * nothing. */
 static PyObject *
 Fold_apply(FoldObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!self->applied) {
+    if (!self->applied && fold_unchanged(self)) {
         self->applied = 1;
         if (self->numel >= FUSION_NOGIL_NUMEL) {
-            Py_BEGIN_ALLOW_THREADS
-            fusion_fold_apply(&self->fold, self->new_bias);
+            Py_BEGIN_ALLOW_THREADS fusion_fold_apply(&self->fold,
+                                                     self->new_bias);
             Py_END_ALLOW_THREADS
         }
         else {
@@ -263,6 +320,9 @@ Fold_get_numel(FoldObject *self, void *Py_UNUSED(closure))
 }
 
 static PyMethodDef Fold_methods[] = {
+    {"unchanged", (PyCFunction)Fold_unchanged, METH_NOARGS,
+     "unchanged()\n--\n\nTrue when every tensor still has the storage, data "
+     "pointer, sizes and strides it had in prepare()."},
     {"apply", (PyCFunction)Fold_apply, METH_NOARGS,
      "apply()\n--\n\nWrite the fused weight in place and the fused bias. "
      "Cannot fail; a second call does nothing."},
@@ -278,7 +338,8 @@ static PyGetSetDef Fold_getset[] = {
 };
 
 static PyType_Slot Fold_slots[] = {
-    {Py_tp_doc, "A checked fold, ready to write. Made by fusion._C.prepare()."},
+    {Py_tp_doc,
+     "A checked fold, ready to write. Made by fusion._C.prepare()."},
     {Py_tp_dealloc, Fold_dealloc},
     {Py_tp_traverse, Fold_traverse},
     {Py_tp_clear, Fold_clear},
@@ -298,20 +359,24 @@ static PyType_Spec Fold_spec = {
 /* ------------------------------------------------------------------------ */
 /* prepare()                                                                 */
 
-PyDoc_STRVAR(prepare_doc,
-"prepare(weight, bias_in, bias_out, running_mean, running_var, norm_weight,\n"
-"        norm_bias, eps, before, grouped, groups, post_mean=None,\n"
-"        post_var=None, post_weight=None, post_bias=None, post_eps=0.0)\n"
-"--\n\n"
-"Check one fold and compute it, writing nothing.\n\n"
-"weight: the producer weight, folded in place by Fold.apply().\n"
-"bias_in: the producer bias, or None for none. bias_out: the tensor that\n"
-"receives the fused bias (may be bias_in). norm_weight and norm_bias may be\n"
-"None. before: the norm runs before the layer (fold into its inputs).\n"
-"grouped: channel c of element (i0, i1, ...) is (i0 // (d0 // groups)) *\n"
-"d1 + i1 instead of i0. post_*: with before, a second norm after the layer,\n"
-"folded in the same pass.\n\n"
-"Returns a Fold. Raises FoldError with .code, .what, .index and .value.");
+PyDoc_STRVAR(
+    prepare_doc,
+    "prepare(weight, bias_in, bias_out, running_mean, running_var, "
+    "norm_weight,\n"
+    "        norm_bias, eps, before, grouped, groups, post_mean=None,\n"
+    "        post_var=None, post_weight=None, post_bias=None, post_eps=0.0)\n"
+    "--\n\n"
+    "Check one fold and compute it, writing nothing.\n\n"
+    "weight: the producer weight, folded in place by Fold.apply().\n"
+    "bias_in: the producer bias, or None for none. bias_out: the tensor that\n"
+    "receives the fused bias (may be bias_in). norm_weight and norm_bias may "
+    "be\n"
+    "None. before: the norm runs before the layer (fold into its inputs).\n"
+    "grouped: channel c of element (i0, i1, ...) is (i0 // (d0 // groups)) *\n"
+    "d1 + i1 instead of i0. post_*: with before, a second norm after the "
+    "layer,\n"
+    "folded in the same pass.\n\n"
+    "Returns a Fold. Raises FoldError with .code, .what, .index and .value.");
 
 /* Checks a norm's vectors against `channels` and computes its affine map.
  * Returns 0, or -1 with FoldError set. */
@@ -343,15 +408,22 @@ norm_prepare(module_state *state, const char *label, fusion_norm *norm,
 static PyObject *
 prepare(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"weight", "bias_in", "bias_out",
-                             "running_mean", "running_var", "norm_weight",
-                             "norm_bias", "eps", "before", "grouped",
-                             "groups", "post_mean", "post_var", "post_weight",
-                             "post_bias", "post_eps", NULL};
-    static const char *names[REF_COUNT] = {
-        "weight", "bias", "bias", "running_mean", "running_var",
-        "norm weight", "norm bias", "post running_mean", "post running_var",
-        "post norm weight", "post norm bias"};
+    static char *kwlist[] = {
+        "weight",      "bias_in",   "bias_out", "running_mean", "running_var",
+        "norm_weight", "norm_bias", "eps",      "before",       "grouped",
+        "groups",      "post_mean", "post_var", "post_weight",  "post_bias",
+        "post_eps",    NULL};
+    static const char *names[REF_COUNT] = {"weight",
+                                           "bias",
+                                           "bias",
+                                           "running_mean",
+                                           "running_var",
+                                           "norm weight",
+                                           "norm bias",
+                                           "post running_mean",
+                                           "post running_var",
+                                           "post norm weight",
+                                           "post norm bias"};
     static const int optional[REF_COUNT] = {0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1};
     module_state *state = get_state(module);
     PyObject *objs[REF_COUNT] = {NULL};
@@ -370,10 +442,10 @@ prepare(PyObject *module, PyObject *args, PyObject *kwargs)
     if (!PyArg_ParseTupleAndKeywords(
             args, kwargs, "OOOOOOOdppL|OOOOd:prepare", kwlist,
             &objs[REF_WEIGHT], &objs[REF_BIAS_IN], &objs[REF_BIAS_OUT],
-            &objs[REF_MEAN], &objs[REF_VAR], &objs[REF_GAMMA],
-            &objs[REF_BETA], &eps, &before, &grouped, &groups,
-            &objs[REF_POST_MEAN], &objs[REF_POST_VAR], &objs[REF_POST_GAMMA],
-            &objs[REF_POST_BETA], &post_eps)) {
+            &objs[REF_MEAN], &objs[REF_VAR], &objs[REF_GAMMA], &objs[REF_BETA],
+            &eps, &before, &grouped, &groups, &objs[REF_POST_MEAN],
+            &objs[REF_POST_VAR], &objs[REF_POST_GAMMA], &objs[REF_POST_BETA],
+            &post_eps)) {
         return NULL;
     }
     self = PyObject_GC_New(FoldObject, state->fold_type);
@@ -381,6 +453,9 @@ prepare(PyObject *module, PyObject *args, PyObject *kwargs)
         goto cleanup;
     }
     memset(self->refs, 0, sizeof self->refs);
+    memset(self->storages, 0, sizeof self->storages);
+    memset(self->storage_data, 0, sizeof self->storage_data);
+    memset(self->views, 0, sizeof self->views);
     memset(&self->fold, 0, sizeof self->fold);
     memset(&self->norm, 0, sizeof self->norm);
     memset(&self->post, 0, sizeof self->post);
@@ -409,6 +484,16 @@ prepare(PyObject *module, PyObject *args, PyObject *kwargs)
         int opt = optional[i] || (i == REF_POST_VAR && !has_post);
         if (to_view(state, objs[i], names[i], opt, views[i]) < 0) {
             goto cleanup;
+        }
+        self->views[i] = views[i];
+        if (objs[i] != Py_None) {
+            self->storages[i] = fusion_shim_storage_retain(objs[i]);
+            self->storage_data[i] = fusion_shim_storage_data(objs[i]);
+            if (self->storages[i] == NULL) {
+                raise_fold_error(state, "argument", names[i], -1, 0.0,
+                                 "cannot hold the tensor's storage");
+                goto cleanup;
+            }
         }
     }
     if (has_post && !before) {
@@ -461,8 +546,8 @@ prepare(PyObject *module, PyObject *args, PyObject *kwargs)
         self->numel *= fold->weight.sizes[d];
     }
     if (self->numel >= FUSION_NOGIL_NUMEL) {
-        Py_BEGIN_ALLOW_THREADS
-        st = fusion_fold_check(fold, self->new_bias, &where);
+        Py_BEGIN_ALLOW_THREADS st =
+            fusion_fold_check(fold, self->new_bias, &where);
         Py_END_ALLOW_THREADS
     }
     else {
@@ -503,8 +588,8 @@ module_exec(PyObject *module)
     if (PyModule_AddObjectRef(module, "FoldError", state->fold_error) < 0) {
         return -1;
     }
-    state->fold_type = (PyTypeObject *)PyType_FromModuleAndSpec(
-        module, &Fold_spec, NULL);
+    state->fold_type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(module, &Fold_spec, NULL);
     if (state->fold_type == NULL) {
         return -1;
     }

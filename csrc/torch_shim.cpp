@@ -15,7 +15,9 @@
 
 namespace {
 
-int to_fusion_dtype(c10::ScalarType t) {
+int
+to_fusion_dtype(c10::ScalarType t)
+{
     switch (t) {
         case c10::ScalarType::Half:
             return FUSION_DTYPE_F16;
@@ -30,18 +32,24 @@ int to_fusion_dtype(c10::ScalarType t) {
     }
 }
 
-void copy_str(char *dst, size_t n, const std::string &s) {
+void
+copy_str(char *dst, size_t n, const std::string &s)
+{
     std::snprintf(dst, n, "%s", s.c_str());
 }
 
-}  // namespace
+} // namespace
 
-extern "C" int fusion_shim_is_tensor(PyObject *obj) {
+extern "C" int
+fusion_shim_is_tensor(PyObject *obj)
+{
     return THPVariable_Check(obj) ? 1 : 0;
 }
 
-extern "C" int fusion_shim_describe(PyObject *obj, fusion_tensor_info *info,
-                                    char *err, size_t errlen) {
+extern "C" int
+fusion_shim_describe(PyObject *obj, fusion_tensor_info *info, char *err,
+                     size_t errlen)
+{
     try {
         if (!THPVariable_Check(obj)) {
             std::snprintf(err, errlen, "expected a torch.Tensor, got %s",
@@ -60,7 +68,7 @@ extern "C" int fusion_shim_describe(PyObject *obj, fusion_tensor_info *info,
             (t.layout() == c10::kStrided && !t.is_quantized()) ? 1 : 0;
         info->ndim = static_cast<int>(t.dim());
         if (!info->is_strided) {
-            return 0;  // sizes only make sense for a dense strided tensor
+            return 0; // sizes only make sense for a dense strided tensor
         }
         if (info->ndim > FUSION_SHIM_MAX_DIMS) {
             std::snprintf(err, errlen,
@@ -81,23 +89,62 @@ extern "C" int fusion_shim_describe(PyObject *obj, fusion_tensor_info *info,
                 static_cast<int64_t>(t.storage().nbytes() / itemsize);
         }
         return 0;
-    } catch (const std::exception &e) {
+    }
+    catch (const std::exception &e) {
         std::snprintf(err, errlen, "%s", e.what());
         return -1;
-    } catch (...) {
+    }
+    catch (...) {
         std::snprintf(err, errlen, "unknown C++ exception");
         return -1;
     }
 }
 
-extern "C" void fusion_shim_bump_version(PyObject *obj) {
+extern "C" void
+fusion_shim_bump_version(PyObject *obj)
+{
     try {
         if (THPVariable_Check(obj)) {
             const at::Tensor &t = THPVariable_Unpack(obj);
             t.unsafeGetTensorImpl()->bump_version();
         }
-    } catch (...) {
+    }
+    catch (...) {
         // Inference tensors carry no version counter; nothing to bump.
+    }
+}
+
+extern "C" void *
+fusion_shim_storage_retain(PyObject *obj)
+{
+    try {
+        if (!THPVariable_Check(obj)) {
+            return nullptr;
+        }
+        return new c10::Storage(THPVariable_Unpack(obj).storage());
+    }
+    catch (...) {
+        return nullptr;
+    }
+}
+
+extern "C" void
+fusion_shim_storage_release(void *storage)
+{
+    delete static_cast<c10::Storage *>(storage);
+}
+
+extern "C" const void *
+fusion_shim_storage_data(PyObject *obj)
+{
+    try {
+        if (!THPVariable_Check(obj)) {
+            return nullptr;
+        }
+        return THPVariable_Unpack(obj).storage().data();
+    }
+    catch (...) {
+        return nullptr;
     }
 }
 
@@ -105,6 +152,8 @@ extern "C" void fusion_shim_bump_version(PyObject *obj) {
 #define FUSION_TORCH_VERSION "unknown"
 #endif
 
-extern "C" const char *fusion_shim_torch_version(void) {
+extern "C" const char *
+fusion_shim_torch_version(void)
+{
     return FUSION_TORCH_VERSION;
 }

@@ -2,7 +2,7 @@
 import copy
 import json
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from .discover import (
 )
 from .errors import FusionError
 from .layers import layer_kind, norm_adapter
-from .plan import Fold, Left, make_plan
+from .plan import Fold, make_plan
 from .report import FusedPair, FusionReport, LeftNorm
 from .verify import run_model, verify_fused
 
@@ -213,6 +213,7 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
                 f"{listing}. Pass example_inputs, or strict=False to accept.",
                 report.left[0].norm, "strict")
         saved = rewrite.backup(prepared) if verify and inplace else None
+        rewrite.ensure_unchanged(prepared)
         replaced = rewrite.write(target, prepared)
     except BaseException:
         if inplace:

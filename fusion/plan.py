@@ -228,6 +228,12 @@ def _shares_storage(model) -> Dict[int, int]:
     return {i: counts[k] for i, k in key_of.items()}
 
 
+def _self_overlapping(t) -> bool:
+    """An expanded tensor (a stride of 0) reaches one element from several
+    indices: writing a fold into it would scale that element several times."""
+    return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))
+
+
 def _zero_shift(params) -> bool:
     mean = params.running_mean.double()
     s = torch.rsqrt(params.running_var.double() + params.eps)
@@ -364,8 +370,8 @@ def make_plan(model, flows: List[Flow]) -> Plan:
             if fold is None:
                 layer = modules[layer_name]
                 fold = by_layer[layer_name] = Fold(layer_name, evidence="+".join(plan.evidence))
-                fold.untie = any(shared.get(id(t), 1) > 1 for t in
-                                 (layer.weight, layer.bias) if t is not None)
+                fold.untie = any(shared.get(id(t), 1) > 1 or _self_overlapping(t)
+                                 for t in (layer.weight, layer.bias) if t is not None)
                 fold.bias_added = layer.bias is None
             if direction == "after":
                 fold.after = name

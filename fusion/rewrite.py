@@ -161,6 +161,18 @@ def prepare(model, folds: List[Fold]) -> Tuple[List[Prepared], List[Left]]:
     return prepared, left
 
 
+def ensure_unchanged(prepared: List[Prepared]):
+    """Raises FusionError if a tensor a fold will write was resized or given
+    another storage since ``prepare`` (by another thread, or a hook). Call it
+    right before ``write``."""
+    for p in prepared:
+        if not p.handle.unchanged():
+            raise FusionError(
+                f"{p.fold.layer}: a tensor of this layer or its norm changed while "
+                f"fusing (resized or given another storage); nothing was written. "
+                f"Do not modify the model while fuse() runs.", p.fold.layer, "changed")
+
+
 def write(model, prepared: List[Prepared]) -> List[Tuple[str, nn.Module]]:
     """Writes every prepared fold and replaces the folded norms by nn.Identity
     under every name they are reachable by. Has no failure path.

@@ -76,6 +76,9 @@ class Spy:
         spy = self
 
         class Handle:
+            def unchanged(self):
+                return handle.unchanged()
+
             def apply(self):
                 spy.events.append("apply")
                 handle.apply()
