@@ -17,7 +17,6 @@ Two checks, both on by default when example inputs are given:
    whose own output differs most (per channel, on the inputs it saw) is named.
 """
 import copy
-from typing import Optional
 
 import torch
 from torch import nn
