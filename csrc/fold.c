@@ -763,6 +763,49 @@ finish_before_bias(const fusion_fold *fold, int64_t o, long double acc,
     return store_bias(fold, o, v, new_bias, where);
 }
 
+/* 1 when every weight of a fold with the norm after the layer is finite and
+ * every fused weight fits its dtype, computed by several threads for a large
+ * weight; 0 when something is wrong or the weight is small (then the caller's
+ * serial loop checks, and reports where). */
+static int
+weights_ok_parallel(const fusion_fold *fold, int64_t d0, int64_t d1, int64_t a,
+                    const rest_dims *r)
+{
+#ifdef _OPENMP
+    const fusion_view *w = &fold->weight;
+    if (view_numel(w) < FUSION_OMP_NUMEL) {
+        return 0;
+    }
+    int ok = 1;
+#pragma omp parallel for schedule(static) reduction(&& : ok)
+    for (int64_t i0 = 0; i0 < d0; i0++) {
+        for (int64_t i1 = 0; i1 < d1 && ok; i1++) {
+            int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
+            double m = 0.0;
+            int64_t bad = 0;
+            FOR_EACH_RUN(r, base, off, count, stride, {
+                double mm = 0.0;
+                if (run_maxabs_sum(w, off, count, stride, &mm, NULL, &bad) <
+                    0) {
+                    ok = 0;
+                    break;
+                }
+                m = mm > m ? mm : m;
+            });
+            long double s = fabsl(elem_scale(fold, i0, i1, a));
+            double largest = w->dtype == FUSION_DTYPE_F64
+                                 ? (double)((long double)m * s)
+                                 : m * (double)s;
+            ok = ok && fusion_fits(largest, w->dtype);
+        }
+    }
+    return ok;
+#else
+    (void)fold, (void)d0, (void)d1, (void)a, (void)r;
+    return 0;
+#endif
+}
+
 fusion_status
 fusion_fold_check(const fusion_fold *fold, double *new_bias,
                   fusion_where *where)
@@ -834,7 +877,12 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
     for (int64_t o = 0; o < d_out; o++) {
         new_bias[o] = 0.0;
     }
-    for (int64_t i0 = 0; i0 < d0; i0++) {
+    /* A large weight with the norm after it is read by several threads
+     * first; only if that finds a fault does the serial loop below run over
+     * the weight, to report the first one exactly as without threads. */
+    int weights_ok =
+        !before && !empty && weights_ok_parallel(fold, d0, d1, a, &r);
+    for (int64_t i0 = 0; i0 < d0 && !weights_ok; i0++) {
         long double acc = 0.0L, acc_c = 0.0L; /* Neumaier, see above */
         for (int64_t i1 = 0; i1 < d1; i1++) {
             int64_t ch = channel_of(fold, i0, i1, a);

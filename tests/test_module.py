@@ -68,3 +68,28 @@ def test_expanded_weight_gets_its_own_copy():
     assert report.fused[0].untied
     with torch.no_grad():
         assert rel_err(y, fused(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("fault", ["nan", "overflow"])
+def test_large_weight_faults_are_found_and_located(fault):
+    """Weights of a million elements or more are checked by several threads
+    first; a fault is still reported where it is, and nothing is written."""
+    w = torch.randn(256, 64, 8, 8)  # 1,048,576 elements
+    c = w.shape[0]
+    where = (200, 17, 3, 5)
+    var = torch.ones(c)
+    if fault == "nan":
+        w[where] = float("nan")
+    else:
+        w = w.half()
+        w[where] = 60000.0
+        var[200] = 0.25  # scale 2: 120000 does not fit float16
+    before = w.clone()
+    with pytest.raises(_C.FoldError) as err:
+        _C.prepare(w, None, torch.zeros(c, dtype=w.dtype), torch.zeros(c), var,
+                   None, None, 0.0, False, False, 1)
+    assert err.value.code == ("nonfinite" if fault == "nan" else "overflow")
+    if fault == "nan":
+        assert err.value.index == sum(i * s for i, s in zip(where, w.stride()))
+    bits = torch.int16 if w.dtype == torch.half else torch.int32
+    assert torch.equal(w.view(bits), before.view(bits))
