@@ -132,7 +132,9 @@ def _child(key, name, cache_dir, conn):
 def run_forked(key, name, cache_dir, timeout):
     import multiprocessing as mp
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["common"])
+    # Modules on the default sys.path only: Python 3.11's fork server imports
+    # its preload list before it applies the parent's sys.path.
+    ctx.set_forkserver_preload(["torch", "torchvision", "torch.fx", "fusion"])
     recv, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(key, name, cache_dir, send))
     proc.start()

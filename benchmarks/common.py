@@ -198,9 +198,9 @@ def synthetic_stack(megabytes, channels=512, kernel=3, seed=0):
     for _ in range(n):
         conv = nn.utils.skip_init(nn.Conv2d, channels, channels, kernel,
                                   padding=kernel // 2, bias=False)
+        bound = (6.0 / (channels * kernel * kernel)) ** 0.5  # He-uniform, cheap to draw
         with torch.no_grad():
-            conv.weight.normal_(0, (2.0 / (channels * kernel * kernel)) ** 0.5,
-                                generator=gen)
+            conv.weight.uniform_(-bound, bound, generator=gen)
         bn = nn.BatchNorm2d(channels)
         with torch.no_grad():
             bn.running_mean.normal_(0, 0.1, generator=gen)

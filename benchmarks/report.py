@@ -49,6 +49,24 @@ def _ms(s):
     return f"{s * 1e3:.1f}" if s >= 0.01 else f"{s * 1e3:.2f}"
 
 
+def _footer(fig, data):
+    """The environment of a plot's numbers, printed on the plot itself."""
+    env = (data or {}).get("environment", {})
+    blas = os.path.basename(os.path.dirname(str(env.get("blas_alternative"))))
+    line = (f"{env.get('date', '?')[:16]}  torch {env.get('torch')}  threads "
+            f"{env.get('threads')}  BLAS {blas}  {env.get('cpu')} x{env.get('nproc')}  "
+            f"load {', '.join(f'{x:.1f}' for x in env.get('loadavg_start', []))}  "
+            f"commit {env.get('commit')}")
+    fig.text(0.005, 0.005, line, fontsize=6, color="#555555", ha="left", va="bottom")
+
+
+def _save(fig, path, data):
+    _footer(fig, data)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _ok(flag):
     return "**met**" if flag else "**missed**"
 
@@ -154,9 +172,7 @@ def plot_fuse_time(data, path):
                  f"{rows[0]['threads']} thread(s)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, data)
 
 
 # --- 2. memory ------------------------------------------------------------------
@@ -228,9 +244,7 @@ def plot_memory(data, path):
     ax.set_title("Peak extra memory during fuse (fresh process per case)")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, data)
 
 
 # --- 3. throughput --------------------------------------------------------------
@@ -293,9 +307,7 @@ def plot_throughput(data, path):
     ax.set_title("Fold throughput of fusion's core against memcpy and torch's fold")
     ax.legend(fontsize=7, ncol=3)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, data)
 
 
 # --- 4. latency -----------------------------------------------------------------
@@ -349,6 +361,14 @@ def plot_latency(data, path):
                     ms=4)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhspan(1.0, TARGETS["latency"], color="#1f5fa8", alpha=0.1)
+    lows = [r["ratios"][k]["p10"] for r in rows for k in r["ratios"]]
+    highs = [r["ratios"][k]["p90"] for r in rows for k in r["ratios"]]
+    if lows:
+        top = min(2.0, max(highs) * 1.05)
+        ax.set_ylim(max(0.5, min(lows) * 0.95), top)
+        if max(highs) > top:
+            ax.text(0.99, 0.98, "whiskers clipped at 2.0", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=7)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{r['model']} b{r['batch']} t{r['threads']}" for r in rows],
                        rotation=60, ha="right", fontsize=7)
@@ -356,9 +376,7 @@ def plot_latency(data, path):
     ax.set_title("Fused model latency against the BN-deleted and the unfused model")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, data)
 
 
 # --- 5. precision ---------------------------------------------------------------
@@ -471,9 +489,7 @@ def plot_headline(scaling, memory, path):
         ax.grid(axis="y", alpha=0.3)
         if not scaling:
             ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, scaling or memory)
 
 
 def readme_table(fuse, memory, throughput, precision, latency):
