@@ -442,23 +442,32 @@ rest_collapse(const fusion_view *w, int first, rest_dims *r)
 static int run_first_nonfinite(const fusion_view *w, int64_t off,
                                int64_t count, int64_t stride, int64_t *bad);
 
-/* The check pass reads every weight once; for float32 and float64 without a
- * sum this loop is branch-free so that the compiler vectorises it, and a
- * second, scalar pass finds the position only when something is not finite. */
-#define MAXABS_FAST(T, ABS, LIMIT)                                            \
+/* The check pass reads every weight once. Without a sum it works on the bit
+ * patterns: with the sign bit cleared, the bits of a float, read as an
+ * unsigned integer, grow with its magnitude, and every pattern at or above
+ * infinity's is inf or NaN. An integer maximum has no NaN semantics to keep,
+ * so the compiler vectorises the loop (a float maximum it would not, without
+ * -ffast-math). A second, scalar pass finds the position only when something
+ * is not finite. */
+#define MAXABS_BITS(U, MASK, INF)                                             \
     do {                                                                      \
-        const T *p = (const T *)w->data + off;                                \
-        T m = 0;                                                              \
+        const unsigned char *p =                                              \
+            (const unsigned char *)w->data + off * (int64_t)sizeof(U);        \
+        U m = 0;                                                              \
         int nonfinite = 0;                                                    \
         for (int64_t k = 0; k < count; k++) {                                 \
-            T a = ABS(p[k * stride]); /* not a sign branch: mispredicted */   \
-            nonfinite |= !(a <= (LIMIT));                                     \
-            m = a > m ? a : m;                                                \
+            U b;                                                              \
+            memcpy(&b, p + k * stride * (int64_t)sizeof(U), sizeof b);        \
+            b &= (U)(MASK);                                                   \
+            nonfinite |= b >= (U)(INF);                                       \
+            m = b > m ? b : m;                                                \
         }                                                                     \
         if (nonfinite) {                                                      \
             return run_first_nonfinite(w, off, count, stride, bad);           \
         }                                                                     \
-        *max = (double)m;                                                     \
+        unsigned char bytes[sizeof(U)];                                       \
+        memcpy(bytes, &m, sizeof m);                                          \
+        *max = fusion_load(bytes, w->dtype);                                  \
         return 0;                                                             \
     } while (0)
 
@@ -466,11 +475,20 @@ static int
 run_maxabs_sum(const fusion_view *w, int64_t off, int64_t count,
                int64_t stride, double *max, long double *sum, int64_t *bad)
 {
-    if (sum == NULL && w->dtype == FUSION_DTYPE_F32) {
-        MAXABS_FAST(float, fabsf, FLT_MAX);
-    }
-    if (sum == NULL && w->dtype == FUSION_DTYPE_F64) {
-        MAXABS_FAST(double, fabs, DBL_MAX);
+    if (sum == NULL) {
+        switch (w->dtype) {
+            case FUSION_DTYPE_F16:
+                MAXABS_BITS(uint16_t, 0x7FFFu, 0x7C00u);
+            case FUSION_DTYPE_BF16:
+                MAXABS_BITS(uint16_t, 0x7FFFu, 0x7F80u);
+            case FUSION_DTYPE_F32:
+                MAXABS_BITS(uint32_t, 0x7FFFFFFFu, 0x7F800000u);
+            case FUSION_DTYPE_F64:
+                MAXABS_BITS(uint64_t, 0x7FFFFFFFFFFFFFFFull,
+                            0x7FF0000000000000ull);
+            default:
+                break;
+        }
     }
     double m = 0.0;
     long double s = 0.0L, c = 0.0L;
