@@ -394,12 +394,25 @@ def run_model(name: str, *, repeats: Optional[int] = None, seed: int = 0,
 # --- Formatting --------------------------------------------------------------------
 
 
-def _left_summary(report: FusionReport, limit: int = 5) -> str:
-    if not report.left:
-        return "none"
-    shown = [f"{n.norm} ({n.reason})" for n in report.left[:limit]]
-    more = len(report.left) - limit
-    return ", ".join(shown) + (f", and {more} more" if more > 0 else "")
+def _wrapped(items: Sequence[str], indent: int, width: int = 100) -> List[str]:
+    """Items joined by ", " in lines of at most ``width`` columns."""
+    lines, line = [], ""
+    for item in items:
+        piece = item if not line else ", " + item
+        if line and indent + len(line) + len(piece) > width:
+            lines.append(line + ",")
+            line = item
+        else:
+            line += piece
+    if line:
+        lines.append(line)
+    return [" " * indent + text for text in lines]
+
+
+def _pairs(report: FusionReport) -> List[str]:
+    """Each fused pair as "layer+norm" (norm after) or "norm+layer" (before)."""
+    return [f"{p.layer}+{p.norm}" if p.direction == "after" else f"{p.norm}+{p.layer}"
+            for p in report.fused]
 
 
 def format_result(res: DemoResult) -> str:
@@ -410,9 +423,11 @@ def format_result(res: DemoResult) -> str:
     verified = ("" if r.rel_err is None else
                 f"; fuse verified {r.rel_err:.2g} <= {r.tolerance:.2g} "
                 f"on its example input")
-    lines = [
-        f"{res.name}",
-        f"  pairs fused      {len(r.fused)}; norms left: {_left_summary(r)}",
+    lines = [f"{res.name}", f"  pairs fused      {len(r.fused)}:"]
+    lines += _wrapped(_pairs(r), 4)
+    lines.append(f"  norms left       {len(r.left)}" + (":" if r.left else ""))
+    lines += _wrapped([f"{n.norm} ({n.reason})" for n in r.left], 4)
+    lines += [
         f"  removed          {removed_p:,} parameters in {len(r.removed_parameters)} "
         f"tensors, {removed_b:,} buffer elements in {len(r.removed_buffers)} tensors",
         f"  added            {added:,} bias parameters in {len(r.added_parameters)} "

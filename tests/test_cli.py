@@ -199,7 +199,8 @@ def test_demo_runs_and_prints_latency(tmp_path):
     assert proc.returncode == EXIT_OK, proc.stderr
     out = proc.stdout
     assert "torch " in out and "1 thread(s)" in out and "BLAS" in out
-    assert "pairs fused      20; norms left: none" in out
+    assert "pairs fused      20:" in out and "norms left       0" in out
+    assert "conv1+bn1" in out and "layer4.1.conv2+layer4.1.bn2" in out
     assert "removed          9,600 parameters" in out
     assert "latency, batch 1" in out and " ms -> " in out
     rel = float(out.split("rel_err", 1)[1].split()[0])
