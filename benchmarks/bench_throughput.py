@@ -24,7 +24,11 @@ conv by default), each round times, in rotated order:
   the page-fault cost that every contender which allocates its result pays.
 
 The weight is restored from a pristine copy (untimed) before every fusion and
-mul_ call, so each call sees the same values. GB/s = weight bytes / seconds
+mul_ call, so each call sees the same values. The cases that allocate nothing
+run first, in alternating order; then the allocating ones (torch's folds,
+first touch), also alternating: on a VM, freeing a large block slows memory
+for a while after, which would otherwise penalise whichever in-place case
+came next. GB/s = weight bytes / seconds
 (1 GB = 1e9 bytes), median over rounds; the report also gives p25-p75.
 
 A last case folds every Conv+BN pair of a zoo model (``--zoo-model``) layer by
@@ -36,8 +40,10 @@ Usage:
 """
 import argparse
 import ctypes
+import gc
 import os
 import sys
+import time
 
 import torch
 from torch.nn.utils.fusion import fuse_conv_bn_weights
@@ -48,6 +54,8 @@ from fusion._native import _C  # noqa: E402
 
 CASES = ["memcpy (copy_)", "memcpy (memmove)", "fusion prepare", "fusion apply",
          "torch fp32 fold", "torch fp64 fold", "torch mul_", "first touch"]
+#: Cases that allocate a weight-sized result (timed after the in-place ones).
+ALLOCATING = {"torch fp32 fold", "torch fp64 fold", "first touch"}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -116,22 +124,31 @@ def bench_weight(shape, dtype, rounds, cases):
         "first touch": lambda _: torch.empty_like(pristine).fill_(0),
     }
     # apply must follow its own prepare: they run as one unit, timed apart.
-    order = [c for c in cases if c not in ("fusion prepare", "fusion apply")]
     fused = [c for c in ("fusion prepare", "fusion apply") if c in cases]
+    units = [c for c in cases if c not in fused] + (["fusion"] if fused else [])
+    # Two phases, each in alternating order: first every case that allocates
+    # nothing, then those that allocate (and free) a weight-sized block. On a
+    # VM a large free is followed by a while of slow memory (free pages are
+    # handed back to the host), which would slow whatever in-place case ran
+    # next.
+    phases = [[u for u in units if u not in ALLOCATING],
+              [u for u in units if u in ALLOCATING]]
     times = {c: [] for c in cases}
     errors = {}
-    for r in range(rounds):
-        units = order + (["fusion"] if fused else [])
-        k = r % len(units)
-        for unit in units[k:] + units[:k]:
-            names = fused if unit == "fusion" else [unit]
-            for name in names:
-                restore(name)
-                t, err = _time(fns[name])
-                if err:
-                    errors[name] = err
-                    break
-                times[name].append(t)
+    for phase in phases:
+        for r in range(rounds if phase else 0):
+            k = r % len(phase)
+            for unit in phase[k:] + phase[:k]:
+                names = fused if unit == "fusion" else [unit]
+                for name in names:
+                    if name in errors:
+                        break
+                    restore(name)
+                    t, err = _time(fns[name])
+                    if err:
+                        errors[name] = err
+                        break
+                    times[name].append(t)
     if "fusion prepare" in times and "fusion apply" in times:
         times["fusion total"] = [a + b for a, b in zip(times["fusion prepare"],
                                                        times["fusion apply"])]
@@ -139,8 +156,6 @@ def bench_weight(shape, dtype, rounds, cases):
 
 
 def _time(fn):
-    import gc
-    import time
     gc.collect()
     t0 = time.perf_counter()
     try:
@@ -169,40 +184,44 @@ def bench_zoo(name, rounds, cache_dir):
     nbytes = sum(i[0].numel() * i[0].element_size() for i in items)
     times = {"memcpy (copy_)": [], "memcpy (memmove)": [], "fusion prepare": [],
              "fusion apply": [], "torch fp32 fold": [], "torch fp64 fold": []}
-    import time
-    for r in range(rounds):
-        names = list(times)
-        k = r % len(names)
-        for case in names[k:] + names[:k]:
-            if case == "fusion apply":
-                continue
-            if case == "fusion prepare":
-                for w0, w, _, _, _, _ in items:
-                    w.copy_(w0)
-                t0 = time.perf_counter()
-                folds = [prepare_call(w, b, s, eps) for _, w, _, b, s, eps in items]
-                t1 = time.perf_counter()
-                for f in folds:
-                    f.apply()
-                t2 = time.perf_counter()
-                times["fusion prepare"].append(t1 - t0)
-                times["fusion apply"].append(t2 - t1)
-                continue
-            t0 = time.perf_counter()
-            for w0, _, dst, _, s, eps in items:
-                if case == "memcpy (copy_)":
-                    dst.copy_(w0)
-                elif case == "memcpy (memmove)":
-                    ctypes.memmove(dst.data_ptr(), w0.data_ptr(),
-                                   w0.numel() * w0.element_size())
-                elif case == "torch fp32 fold":
-                    torch_fold(w0, s, eps)
-                else:
-                    torch_fold(w0, s, eps, dtype=torch.float64)
-            times[case].append(time.perf_counter() - t0)
+    cases = [c for c in times if c != "fusion apply"]
+    for phase in ([c for c in cases if c not in ALLOCATING],
+                  [c for c in cases if c in ALLOCATING]):
+        for r in range(rounds):
+            k = r % len(phase)
+            _zoo_round(phase[k:] + phase[:k], items, times)
     times["fusion total"] = [a + b for a, b in zip(times["fusion prepare"],
                                                    times["fusion apply"])]
     return nbytes, len(items), times
+
+
+def _zoo_round(order, items, times):
+    """One round of bench_zoo: each case over every layer, in this order."""
+    for case in order:
+        if case == "fusion prepare":
+            for w0, w, _, _, _, _ in items:
+                w.copy_(w0)
+            t0 = time.perf_counter()
+            folds = [prepare_call(w, b, s, eps) for _, w, _, b, s, eps in items]
+            t1 = time.perf_counter()
+            for f in folds:
+                f.apply()
+            t2 = time.perf_counter()
+            times["fusion prepare"].append(t1 - t0)
+            times["fusion apply"].append(t2 - t1)
+            continue
+        t0 = time.perf_counter()
+        for w0, _, dst, _, s, eps in items:
+            if case == "memcpy (copy_)":
+                dst.copy_(w0)
+            elif case == "memcpy (memmove)":
+                ctypes.memmove(dst.data_ptr(), w0.data_ptr(),
+                               w0.numel() * w0.element_size())
+            elif case == "torch fp32 fold":
+                torch_fold(w0, s, eps)
+            else:
+                torch_fold(w0, s, eps, dtype=torch.float64)
+        times[case].append(time.perf_counter() - t0)
 
 
 def _row(label, dtype, threads, nbytes, times, errors=None):

@@ -282,6 +282,26 @@ def throughput_section(data):
         common.md_table(header, out)])
 
 
+def first_touch_note(data):
+    """A warning when fresh memory is much slower to write than memcpy, as in a
+    VM: then every contender that allocates its result pays page faults."""
+    rows = [r for r in data["results"] if r["threads"] == 1 and
+            "gbps" in r["cases"].get("first touch", {}) and _memcpy_gbps(r)]
+    if not rows:
+        return None
+    ft = min(r["cases"]["first touch"]["gbps"] for r in rows)
+    mc = max(_memcpy_gbps(r) for r in rows)
+    if ft >= mc / 4:
+        return None
+    return (f"**On this machine fresh memory is slow to touch**: writing a newly "
+            f"allocated block ran at {ft:.2f} GB/s against {mc:.1f} GB/s for memcpy into "
+            f"memory already touched (page faults; freed large blocks go back to the "
+            f"OS). Every fuser that allocates its result (copy modes, torch's folds, the "
+            f"naive and diag-mm loops) pays this, so their times here are dominated by "
+            f"it and depend on whether the allocator reuses freed memory; fusion in "
+            f"place allocates nothing of the weights' size.")
+
+
 def plot_throughput(data, path):
     rows = data["results"]
     cases = [c for c in TP_CASES if any("gbps" in r["cases"].get(c, {}) for r in rows)]
@@ -708,6 +728,9 @@ def main(argv=None):
     if throughput:
         md += ["## 3. Fold throughput of the core", "", throughput_section(throughput), "",
                "![throughput](throughput.png)", ""]
+        note = first_touch_note(throughput)
+        if note:
+            md += [note, ""]
     if latency:
         md += ["## 4. Fused-model inference latency", "", latency_section(latency), "",
                "![latency](latency.png)", ""]
