@@ -781,6 +781,26 @@ finish_before_bias(const fusion_fold *fold, int64_t o, long double acc,
     return store_bias(fold, o, v, new_bias, where);
 }
 
+/* How a fold walks its weight: d0 x d1 blocks of runs r, with a the d0 extent
+ * of one group. With one scale per i0 (FUSION_AXIS0), dims 1.. form the runs
+ * and d1 is 1: a 1x1 conv's rows would otherwise be runs of one element. */
+static void
+fold_layout(const fusion_fold *fold, int64_t *d0, int64_t *d1, int64_t *a,
+            rest_dims *r)
+{
+    const fusion_view *w = &fold->weight;
+    *d0 = w->sizes[0];
+    *d1 = w->sizes[1];
+    *a = fold->map == FUSION_GROUPED ? *d0 / fold->groups : 1;
+    if (fold->map == FUSION_AXIS0) {
+        rest_collapse(w, 1, r);
+        *d1 = 1;
+    }
+    else {
+        rest_collapse(w, 2, r);
+    }
+}
+
 /* 1 when every weight of a fold with the norm after the layer is finite and
  * every fused weight fits its dtype, computed by several threads for a large
  * weight; 0 when something is wrong or the weight is small (then the caller's
@@ -879,18 +899,9 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
         return st;
     }
 
-    int64_t d0 = w->sizes[0], d1 = w->sizes[1];
-    int64_t a = fold->map == FUSION_GROUPED ? d0 / fold->groups : 1;
+    int64_t d0, d1, a;
     rest_dims r;
-    if (fold->map == FUSION_AXIS0) {
-        /* One scale per i0: dims 1.. form one run (a 1x1 conv's rows would
-         * otherwise be runs of a single element). */
-        rest_collapse(w, 1, &r);
-        d1 = 1;
-    }
-    else {
-        rest_collapse(w, 2, &r);
-    }
+    fold_layout(fold, &d0, &d1, &a, &r);
     int empty = view_numel(w) == 0; /* no weight to read, biases still due */
     for (int64_t o = 0; o < d_out; o++) {
         new_bias[o] = 0.0;
@@ -988,18 +999,9 @@ void
 fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
 {
     const fusion_view *w = &fold->weight;
-    int64_t d0 = w->sizes[0], d1 = w->sizes[1];
-    int64_t a = fold->map == FUSION_GROUPED ? d0 / fold->groups : 1;
+    int64_t d0, d1, a;
     rest_dims r;
-    if (fold->map == FUSION_AXIS0) {
-        /* One scale per i0: dims 1.. form one run (a 1x1 conv's rows would
-         * otherwise be runs of a single element). */
-        rest_collapse(w, 1, &r);
-        d1 = 1;
-    }
-    else {
-        rest_collapse(w, 2, &r);
-    }
+    fold_layout(fold, &d0, &d1, &a, &r);
     int64_t numel = view_numel(w);
     if (numel == 0) {
         d0 = 0;
