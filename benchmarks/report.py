@@ -67,6 +67,15 @@ def _save(fig, path, data):
     plt.close(fig)
 
 
+def _log_y(ax):
+    """A log y axis with plain numbers at 1, 2, 5 x 10^k."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=()))
+
+
 def _ok(flag):
     return "**met**" if flag else "**missed**"
 
@@ -150,7 +159,7 @@ def _ratio(r, a, b):
 def plot_fuse_time(data, path):
     rows = [r for r in data["results"] if r["threads"] == data["results"][0]["threads"]]
     keys = list(rows[0]["contenders"])
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(rows)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(10, 1.3 * len(rows) + 2.5), 4.5))
     width = 0.8 / len(keys)
     for i, k in enumerate(keys):
         xs, ys, lo, hi = [], [], [], []
@@ -164,13 +173,13 @@ def plot_fuse_time(data, path):
                 hi.append((s["p75"] - s["median"]) * 1e3)
         ax.bar(xs, ys, width, yerr=[lo, hi], label=LABELS[k], color=COLORS[k],
                error_kw={"elinewidth": 0.7})
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([r["model"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("fuse() wall time, ms (median, p25–p75)")
     ax.set_title(f"fuse() time, torch {data['environment']['torch']}, "
                  f"{rows[0]['threads']} thread(s)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path, data)
 
@@ -221,7 +230,7 @@ def plot_memory(data, path):
     models = list(dict.fromkeys(r["model"] for r in rows))
     keys = list(dict.fromkeys(r["contender"] for r in rows))
     by = {(r["model"], r["contender"]): r for r in rows}
-    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(models)), 4.5))
+    fig, ax = plt.subplots(figsize=(max(10, 1.3 * len(models) + 2.5), 4.5))
     width = 0.8 / len(keys)
     for i, k in enumerate(keys):
         xs, ys = [], []
@@ -237,12 +246,12 @@ def plot_memory(data, path):
             ha="right", fontsize=7)
     ax.text(len(models) - 0.5, TARGETS["inplace_mem"] * 1.1, "in-place target 0.05x",
             ha="right", fontsize=7)
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xticks(range(len(models)))
     ax.set_xticklabels(models, rotation=30, ha="right")
     ax.set_ylabel("peak extra RSS / model bytes")
     ax.set_title("Peak extra memory during fuse (fresh process per case)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path, data)
 
@@ -305,7 +314,7 @@ def first_touch_note(data):
 def plot_throughput(data, path):
     rows = data["results"]
     cases = [c for c in TP_CASES if any("gbps" in r["cases"].get(c, {}) for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(9, 1.6 * len(rows)), 4.8))
+    fig, ax = plt.subplots(figsize=(max(11, 1.6 * len(rows) + 2.5), 4.8))
     width = 0.85 / len(cases)
     cmap = plt.get_cmap("tab10")
     for i, c in enumerate(cases):
@@ -319,13 +328,13 @@ def plot_throughput(data, path):
                 hi.append(max(0.0, v["gbps_p75"] - v["gbps"]))
         ax.bar(xs, ys, width, yerr=[lo, hi], label=c, color=cmap(i % 10),
                error_kw={"elinewidth": 0.6})
-    ax.set_yscale("log")
+    _log_y(ax)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{r['weight']}\n{r['dtype']}, {r['threads']} thr" for r in rows],
                        fontsize=7)
     ax.set_ylabel("GB/s of weights (median, p25–p75)")
     ax.set_title("Fold throughput of fusion's core against memcpy and torch's fold")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path, data)
 
@@ -475,10 +484,14 @@ def plot_headline(scaling, memory, path):
                   if "seconds" in r["contenders"][k]]
             ys = [r["contenders"][k]["seconds"]["median"] for r in rows
                   if "seconds" in r["contenders"][k]]
-            ax.plot(xs, ys, "o-", color=COLORS[k], label=LABELS[k],
+            ax.plot(xs, ys, marker="o", color=COLORS[k], label=LABELS[k],
                     ls="-" if k.endswith("copy") else "--", ms=4)
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        _log_y(ax)
+        sizes = [r["model_bytes"] / 2**20 for r in rows]
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([f"{x:.0f}" for x in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("conv weights, MiB (synthetic Conv2d+BatchNorm2d stack)")
         ax.set_ylabel("fuse() wall time, s (median)")
         ax.set_title(f"fuse() time against model size, {rows[0]['threads']} thread(s)")
@@ -501,14 +514,14 @@ def plot_headline(scaling, memory, path):
             ax.bar(xs, ys, width, color=COLORS[k], label=LABELS[k])
         ax.axhline(TARGETS["copy_mem"], color="k", ls="--", lw=0.8)
         ax.axhline(TARGETS["inplace_mem"], color="k", ls=":", lw=0.8)
-        ax.set_yscale("log")
+        _log_y(ax)
         ax.set_xticks(range(len(models)))
         ax.set_xticklabels(models, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("peak extra RSS / model bytes")
         ax.set_title("Peak extra memory (targets: 1.1x copy, 0.05x in place)")
         ax.grid(axis="y", alpha=0.3)
         if not scaling:
-            ax.legend(fontsize=7, ncol=2)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path, scaling or memory)
 
 
