@@ -229,10 +229,9 @@ expect("dtype", "not supported", weight=torch.ones(4, 3, dtype=torch.int64))
 expect("dtype", "sparse", weight=torch.ones(4, 3).to_sparse())
 expect("argument", "post", post_mean=torch.zeros(4), post_var=torch.ones(4))
 # An expanded weight reaches one element through four indices: it must not
-# be scaled in place (the core's FUSION_E_OVERLAP; module.c has no code
-# name for it yet).
-expect("unknown", "several indices", weight=torch.ones(1, 3).expand(4, 3))
-expect("unknown", "several indices", bias_out=torch.zeros(1).expand(4))
+# be scaled in place (the core's FUSION_E_OVERLAP).
+expect("overlap", "several indices", weight=torch.ones(1, 3).expand(4, 3))
+expect("overlap", "several indices", bias_out=torch.zeros(1).expand(4))
 # A Fold dropped without apply() frees what it holds.
 for _ in range(100):
     C.prepare(torch.ones(4, 3), None, torch.zeros(4), before=False, grouped=False,
