@@ -674,10 +674,10 @@ def targets(fuse, memory, throughput, latency, precision):
                     q = a["seconds"]["median"] / b["seconds"]["median"]
                     if q > 1:
                         worse.append(f"{r['model']} {q:.2f}x")
+            detail = f"slower on {len(worse)} of {n}" + \
+                (": " + ", ".join(worse) if worse else "")
             rows.append([f"fuse() time <= torch.fx fuse on every zoo model ({mode})",
-                         f"slower on {len(worse)} of {n}" + (": " + ", ".join(worse)
-                                                            if worse else ""),
-                         _ok(not worse and n > 0)])
+                         detail, _ok(not worse and n > 0)])
     if latency:
         rs = [r for r in latency["results"] if r["ratios"].get("fused/deleted")]
         states = [_latency_state(r) for r in rs]
