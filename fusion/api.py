@@ -17,7 +17,7 @@ from .discover import (
 )
 from .errors import FusionError
 from .layers import layer_kind, norm_adapter
-from .plan import Fold, make_plan
+from .plan import Fold, check_pair, make_plan
 from .report import FusedPair, FusionReport, LeftNorm
 from .verify import run_model, verify_fused
 
@@ -298,8 +298,7 @@ def fuse_conv_and_bn(conv, bn):
     holder = nn.Sequential()
     holder.add_module("conv", copy.deepcopy(conv))
     holder.add_module("bn", bn)
-    from .plan import _check_pair  # noqa: the one place a pair is taken on trust
-    _check_pair("conv", holder.conv, "bn", bn, "after")
+    check_pair("conv", holder.conv, "bn", bn, "after")  # the pair is taken on trust
     fold = Fold("conv", after="bn", evidence="caller", bias_added=conv.bias is None)
     prepared, left = rewrite.prepare(holder, [fold])
     if left:

@@ -197,7 +197,7 @@ def _check_norm_tensors(name, module):
     return p, c
 
 
-def _check_pair(layer_name, layer, norm_name, norm, direction):
+def check_pair(layer_name, layer, norm_name, norm, direction):
     for what, t in (("weight", layer.weight), ("bias", layer.bias)):
         check_tensor(layer_name, what, t)
     _, c = _check_norm_tensors(norm_name, norm)
@@ -357,7 +357,7 @@ def make_plan(model, flows: List[Flow]) -> Plan:
                 break
         if reason is None:
             for layer_name in targets:
-                _check_pair(layer_name, modules[layer_name], name, module, direction)
+                check_pair(layer_name, modules[layer_name], name, module, direction)
             if direction == "before":
                 why = _before_exact(modules[targets[0]], norm_adapter(module)(module))
                 if why:
