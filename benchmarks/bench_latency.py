@@ -15,6 +15,13 @@ by side in the same round share the machine's load at that moment), as
 median and p10-p90. The fused model meets the target when fused / deleted is
 within 3%, or its p10-p90 band reaches 1.
 
+Two things keep a correct fold from that limit: norms fusion must leave
+(densenet's BatchNorm -> ReLU -> Conv; the row records how many are left), and
+data-dependent kernels: deleting the norms changes every activation, and
+torch's CPU max-pooling branches on values (googlenet, fused or not, runs 5-8%
+slower than with its norms deleted; the same network with the fused values
+loaded into the BN-deleted structure is exactly as slow as the fused one).
+
 Usage:
     benchmarks/bench_latency.py --models resnet18 mobilenet_v2 --threads 1 2 \
         --batches 1 8 --out benchmarks/results/raw/latency.json
@@ -62,6 +69,11 @@ def variants(model, names):
             except Exception as exc:
                 print(f"  torch.fx cannot fuse: {type(exc).__name__}", flush=True)
     return out
+
+
+def _norms(model):
+    from fusion.layers import is_norm_module
+    return sum(1 for m in model.modules() if is_norm_module(m))
 
 
 def measure(models, x, rounds, min_rounds, budget, warmup):
@@ -123,6 +135,7 @@ def main(argv=None):
     for name in args.models:
         base = common.build_model(name, args.cache_dir)
         models = variants(base, args.variants)
+        left = _norms(models["fused (fusion)"]) if "fused (fusion)" in models else None
         for threads in args.threads:
             common.set_threads(threads)
             for batch in args.batches:
@@ -132,6 +145,7 @@ def main(argv=None):
                 times = measure(models, x, args.rounds, args.min_rounds, args.budget,
                                 args.warmup)
                 row = {"model": name, "threads": threads, "batch": batch,
+                       "norms": _norms(base), "norms_left": left,
                        "rounds": len(next(iter(times.values()))),
                        "variants": {n: common.summary(t) for n, t in times.items()},
                        "ratios": {}}

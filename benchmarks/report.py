@@ -347,7 +347,9 @@ def latency_section(data):
     variants = ["unfused", "fused (fusion)", "BN deleted", "fused (torch.fx)"]
     present = [v for v in variants if any(v in r["variants"] for r in data["results"])]
     for r in data["results"]:
-        cells = [r["model"], r["threads"], r["batch"], r["rounds"]]
+        left = r.get("norms_left")
+        cells = [r["model"], r["threads"], r["batch"], r["rounds"],
+                 f"{left} of {r['norms']}" if left is not None else "-"]
         for v in present:
             s = r["variants"].get(v)
             cells.append(f"{_ms(s['median'])} ({_ms(s['p10'])}–{_ms(s['p90'])})"
@@ -359,7 +361,7 @@ def latency_section(data):
         cells.append(_LATENCY_VERDICT[_latency_state(r)] if r["ratios"].get("fused/deleted")
                      else "-")
         out.append(cells)
-    header = ["model", "threads", "batch", "rounds"] + [f"{v}, ms (p10–p90)"
+    header = ["model", "threads", "batch", "rounds", "norms left"] + [f"{v}, ms (p10–p90)"
                                                         for v in present] + \
         ["fused / deleted [p10, p90]", "fused / unfused [p10, p90]", "target"]
     return "\n".join([
@@ -367,7 +369,10 @@ def latency_section(data):
         "ratios are medians of per-round pairs (timed side by side) with p10–p90. "
         "Target: fused / deleted <= 1.03 at the median (**met**); otherwise 'within "
         "noise' when 1.0 lies inside its p10–p90 band, 'missed' when not. A band wider "
-        f"than ±{NOISY:.0%} is marked (noisy): such a row cannot show a 3% difference.", "",
+        f"than ±{NOISY:.0%} is marked (noisy): such a row cannot show a 3% difference. "
+        "'BN deleted' drops every norm, also those no fold can remove ('norms left'), "
+        "and changes every activation, so data-dependent kernels (torch's CPU max "
+        "pooling branches on values) run at another speed: see bench_latency.py.", "",
         common.md_table(header, out)])
 
 
