@@ -28,8 +28,16 @@ def _torch_config():
     return cpp_extension.include_paths(), cpp_extension.library_paths(), abi, version
 
 
+def _cxx_standard(version):
+    """The C++ standard torch's headers need: C++20 from 2.12 on (ATen refuses
+    older ones there), C++17 before (torch 2.1 needs it, and gcc takes it for
+    1.13 too)."""
+    major, minor = (int(p) for p in version.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 12) else "-std=c++17"
+
+
 class BuildExt(build_ext):
-    """build_ext that gives .c files C11 flags and .cpp files C++17 flags."""
+    """build_ext that gives .c files C11 flags and .cpp files the C++ flags torch needs."""
 
     def build_extensions(self):
         debug = _flag("FUSION_DEBUG")
@@ -47,7 +55,8 @@ class BuildExt(build_ext):
         if openmp:
             c_flags.append("-fopenmp")
             link.append("-fopenmp")
-        cxx_flags = ["-std=c++17", "-Wno-unused-parameter", "-Wno-deprecated-declarations"] + common
+        cxx_flags = [_cxx_standard(_torch_config()[3]), "-Wno-unused-parameter",
+                     "-Wno-deprecated-declarations"] + common
         original = self.compiler._compile
 
         def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
@@ -79,4 +88,16 @@ def _extension():
     )
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExt})
+def _build_base():
+    """One build directory per interpreter and torch: two venvs of the same
+    Python build extensions with the same file name, and neither may pick up
+    objects compiled against the other's torch."""
+    import sys
+
+    import torch
+
+    return os.path.join("build", "py%d%d-torch%s" % (sys.version_info[:2] + (torch.__version__,)))
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExt},
+      options={"build": {"build_base": _build_base()}})

@@ -7,11 +7,22 @@
 #include "torch_shim.h"
 
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/version.h>
 
 #include <cstdio>
 #include <exception>
 
 #include "fold.h"
+
+// The one place where the supported torch releases differ for the shim:
+// torch 2.1 split data_ptr() into const_data_ptr() and mutable_data_ptr(), and
+// the fold writes through the pointer, so it asks for the mutable one where it
+// exists (it also materialises a copy-on-write storage before the write).
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+#define FUSION_MUTABLE_DATA(t) ((t).mutable_data_ptr())
+#else
+#define FUSION_MUTABLE_DATA(t) ((t).data_ptr())
+#endif
 
 namespace {
 
@@ -82,7 +93,7 @@ fusion_shim_describe(PyObject *obj, fusion_tensor_info *info, char *err,
             info->strides[d] = t.stride(d);
         }
         if (info->is_cpu && info->dtype != FUSION_DTYPE_NONE) {
-            info->data = t.data_ptr();
+            info->data = FUSION_MUTABLE_DATA(t);
             info->storage_offset = t.storage_offset();
             size_t itemsize = t.element_size();
             info->storage_numel =

@@ -1,4 +1,7 @@
 """Loads fusion._C, the native core, with an error that says how to rebuild it."""
+import glob
+import os
+
 import torch
 
 _REBUILD = (
@@ -12,6 +15,15 @@ def _load():
     try:
         from . import _C
     except ImportError as exc:
+        here = os.path.dirname(os.path.abspath(__file__))
+        in_tree = os.path.exists(os.path.join(here, os.pardir, "setup.py"))
+        if in_tree and not glob.glob(os.path.join(here, "_C*.so")):
+            raise ImportError(
+                f"fusion was imported from its source tree ({here}), which holds no "
+                f"built extension: `make install` installs fusion into .venv, built "
+                f"against that venv's torch. Import it from outside the tree, or "
+                f"run `python -P` in it (keeps the current directory off sys.path)."
+            ) from None
         raise ImportError(
             f"fusion's native module fusion._C could not be loaded ({exc}). This "
             f"happens when it was built against another torch than the one now "

@@ -2,6 +2,7 @@
 import copy
 import json
 import logging
+import sys
 from typing import Dict, List
 
 import torch
@@ -30,9 +31,63 @@ PLAN_VERSION = 1
 
 def _check_model(model, name="model"):
     if not isinstance(model, nn.Module):
+        hint = ""
+        if isinstance(model, (list, tuple)):
+            hint = " (pass one module, not a list)"
+        elif type(model).__name__ == "ExportedProgram":
+            hint = (" (a torch.export program holds no norm modules to fold: fuse the "
+                    "eager model, then export the fused one)")
+        raise TypeError(f"{name} must be a torch.nn.Module, got "
+                        f"{type(model).__name__}{hint}")
+    fake = getattr(sys.modules.get("torch._subclasses.fake_tensor"), "FakeTensor", None)
+    for qualname, m in model.named_modules():
+        _refuse_compiled(qualname or "(model)", m)
+        if fake is not None:
+            _refuse_fake(qualname or "(model)", m, fake)
+    _refuse_exported(model)
+
+
+def _refuse_fake(qualname, module, fake):
+    """Fake tensors have no values; refused before the model is copied or traced
+    (tracing a copy of a fake model can crash torch 2.14 when it is collected)."""
+    for what, t in list(module._parameters.items()) + list(module._buffers.items()):
+        if isinstance(t, fake):
+            raise FusionError(
+                f"{qualname}: {what} is a FakeTensor, not a plain tensor (made under a "
+                f"FakeTensorMode), so it has no values fusion can fold or write. Build "
+                f"the model outside that mode, with real weights, then fuse it.",
+                qualname, "tensor_subclass")
+
+
+def _refuse_compiled(qualname, module):
+    """A torch.compile'd module (OptimizedModule) holds graphs compiled from the
+    unfused model, guarded on its modules: folding under it would either serve
+    them stale or recompile behind the user's back."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = getattr(dynamo, "OptimizedModule", None)
+    if compiled is not None and isinstance(module, compiled):
         raise TypeError(
-            f"{name} must be a torch.nn.Module, got {type(model).__name__}"
-            + (" (pass one module, not a list)" if isinstance(model, (list, tuple)) else ""))
+            f"{qualname} is a torch.compile'd module (OptimizedModule). Fuse the eager "
+            f"module before compiling it: fused = fuse(compiled._orig_mod), then "
+            f"torch.compile(fused).")
+
+
+def _refuse_exported(model):
+    """A module from torch.export (ExportedProgram.module(), unflatten) computes
+    batch norm as aten calls in its graph, with no norm module to fold."""
+    for m in model.modules():
+        graph = getattr(m, "graph", None) if isinstance(m, torch.fx.GraphModule) else None
+        if graph is None:
+            continue
+        for node in graph.nodes:
+            target = node.target
+            if (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+                    and "batch_norm" in target.name()):
+                raise TypeError(
+                    f"this module comes from torch.export: batch norm is the aten call "
+                    f"{target.name()} in its graph (node {node.name}), not a module "
+                    f"fusion can fold. Fuse the eager model before exporting it, then "
+                    f"export the fused model.")
 
 
 def _raise_if_sparse(model, exc):

@@ -168,6 +168,12 @@ def check_tensor(layer: str, what: str, t: Optional[torch.Tensor]):
         raise FusionError(
             f"{layer}: {what} is quantized ({t.dtype}); fuse the float model before "
             f"quantizing it.", layer, "quantized")
+    if type(t) not in (torch.Tensor, nn.Parameter):
+        raise FusionError(
+            f"{layer}: {what} is a {type(t).__name__}, not a plain tensor (one made "
+            f"under a FakeTensorMode, or another tensor subclass), so it has no values "
+            f"fusion can fold or write. Build the model outside that mode, with real "
+            f"weights, then fuse it.", layer, "tensor_subclass")
     if t.device.type == "meta":
         raise FusionError(
             f"{layer}: {what} is on the meta device and has no values to fold. "

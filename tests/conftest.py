@@ -48,6 +48,38 @@ def rel_err(a, b):
     return float((a - b).norm() / a.norm())
 
 
+# torch.load's weights_only defaults to False up to 2.5 and to True from 2.6,
+# which refuses any pickled module; a whole saved model needs False on both.
+WEIGHTS_ONLY_BY_DEFAULT = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 6)
+
+
+def load_whole(f):
+    """torch.load of a whole pickled model (a trusted file the test wrote)."""
+    return torch.load(f, weights_only=False)
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+# --- which tests ran, for comparing the suites on two torches -------------------
+# With FUSION_TEST_IDS=path, the session writes the node IDs of the tests that ran
+# (passed or failed) and of those skipped, so that tests/suite_parity.py can show
+# that the same tests ran on the current and on the oldest torch.
+_OUTCOMES = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        gpu = "gpu" in report.keywords
+        _OUTCOMES[report.nodeid] = "gpu" if gpu else report.outcome
+
+
+def pytest_sessionfinish(session):
+    path = os.environ.get("FUSION_TEST_IDS")
+    if path and _OUTCOMES:
+        import json
+
+        with open(path, "w") as f:
+            json.dump({"torch": torch.__version__, "outcomes": _OUTCOMES}, f, indent=0)

@@ -15,17 +15,18 @@ import torch
 from torch import nn
 
 import cli_models
+from conftest import load_whole
 from fusion.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main, make_example_inputs, \
     parse_example_input
 
 TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
 CONSOLE = Path(sys.executable).parent / "fusion"
 
 
 def _env():
     env = dict(os.environ)
-    paths = [str(TESTS), str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p]
+    # The installed fusion, never the source tree's (which holds no extension).
+    paths = [str(TESTS)] + [p for p in [env.get("PYTHONPATH")] if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
     env["OPENBLAS_NUM_THREADS"] = "1"  # two shared cores; keep each process to one
     env["OMP_NUM_THREADS"] = "1"
@@ -95,7 +96,7 @@ def test_fuse_saved_model_verify_and_reload(files):
         assert f"fused   {norm}" in proc.stdout
     report = json.loads((d / "report.json").read_text())
     assert report["verification"]["rel_err"] <= report["verification"]["tolerance"]
-    fused = torch.load(d / "out.pt")
+    fused = load_whole(d / "out.pt")
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert isinstance(fused.bn1, nn.Identity) and fused.conv1.bias is not None
     x = _x(3, 3, 12, 12)  # not the input verification ran on
@@ -122,7 +123,7 @@ def test_console_script_factory_with_weights_and_json(files):
     assert report["left"] == []
     assert report["added"]["parameters"] == {"conv1.bias": 8}
     assert report["verification"]["rel_err"] <= report["verification"]["tolerance"]
-    fused = torch.load(d / "factory_out.pt")
+    fused = load_whole(d / "factory_out.pt")
     x = _x(2, 3, 10, 10)
     with torch.no_grad():
         # The weights file, not the factory's own random weights, were fused.
@@ -141,7 +142,7 @@ def test_analyze_json_is_a_dry_run(files):
     assert [(n["norm"], n["reason"]) for n in report["left"]] == \
         [("post_relu_bn", "not_after_producer")]
     assert report["removed"]["parameters"] == {"bn.weight": 4, "bn.bias": 4}
-    after = torch.load(d / "unfusable.pt").state_dict()
+    after = load_whole(d / "unfusable.pt").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -276,7 +277,7 @@ def test_example_inputs_file_tuple_and_list(capsys, files, saved, inputs):
     args = torch.load(d / inputs)
     args = args if isinstance(args, tuple) else (args,)
     with torch.no_grad():
-        assert _rel_err(models[saved](*args), torch.load(d / f"{saved}_f.pt")(*args)) < 1e-5
+        assert _rel_err(models[saved](*args), load_whole(d / f"{saved}_f.pt")(*args)) < 1e-5
 
 
 def test_analyze_prints_the_table(capsys, files):
@@ -302,7 +303,7 @@ def test_inplace_load_gives_the_same_model(capsys, files):
         code, _, err = _main(capsys, "fuse", d / "small.pt", "-o", d / out, "-q",
                              "--example-input", "1,3,8,8", *flag)
         assert code == EXIT_OK, err
-    a, b = torch.load(d / "copy.pt").state_dict(), torch.load(d / "inplace.pt").state_dict()
+    a, b = load_whole(d / "copy.pt").state_dict(), load_whole(d / "inplace.pt").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

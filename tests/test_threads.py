@@ -134,9 +134,15 @@ def assert_same(fused, want):
         assert torch.equal(state[k], v), k
 
 
+# nn.Module.__call__ as torch defines it: _call_impl up to 1.13, a wrapper of it
+# (_wrapped_call_impl) in torch 2; fx patches and restores it while tracing.
+MODULE_CALL = vars(nn.Module)["__call__"]
+assert MODULE_CALL.__qualname__ in ("Module._call_impl", "Module._wrapped_call_impl")
+
+
 def assert_process_intact():
     """No fx patch is left behind on nn.Module."""
-    assert nn.Module.__call__ is nn.Module._call_impl
+    assert vars(nn.Module)["__call__"] is MODULE_CALL
     assert "__getattr__" in vars(nn.Module) and \
         vars(nn.Module)["__getattr__"].__qualname__ == "Module.__getattr__"
 

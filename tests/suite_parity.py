@@ -1,0 +1,51 @@
+"""Fails when a test ran on one torch only: compares the FUSION_TEST_IDS files
+of two pytest runs (the current torch and the oldest, in .ci/run).
+
+A test may run on one torch only if it is marked ``gpu`` (no CUDA device here) or
+is listed below, with the reason. Everything else that one run ran, the other
+must have run too: a skip on one side is a test that torch did not run.
+
+Usage: python tests/suite_parity.py CURRENT.json OLDEST.json
+"""
+import fnmatch
+import json
+import sys
+
+# node ID pattern -> why it runs on the current torch only
+CURRENT_ONLY = {
+    "tests/test_export.py::*dynamo*":
+        "the dynamo-based ONNX exporter exists from torch 2 on",
+}
+# node ID pattern -> why it runs on the oldest torch only
+OLDEST_ONLY = {}
+
+
+def _ran(path):
+    with open(path) as f:
+        data = json.load(f)
+    ran = {k for k, v in data["outcomes"].items() if v in ("passed", "failed")}
+    return data["torch"], ran
+
+
+def _unexplained(ids, allowed):
+    return sorted(i for i in ids if not any(fnmatch.fnmatch(i, p) for p in allowed))
+
+
+def main(argv):
+    (cur_torch, cur), (old_torch, old) = _ran(argv[0]), _ran(argv[1])
+    only_cur = _unexplained(cur - old, CURRENT_ONLY)
+    only_old = _unexplained(old - cur, OLDEST_ONLY)
+    print(f"suite parity: {len(cur)} tests ran on torch {cur_torch}, {len(old)} on "
+          f"torch {old_torch}; {len(cur & old)} on both")
+    for torch_version, ids in ((cur_torch, only_cur), (old_torch, only_old)):
+        for i in ids:
+            print(f"  ran only on torch {torch_version}, with no reason listed: {i}")
+    if only_cur or only_old:
+        print("error: list each one with its reason in tests/suite_parity.py, or make "
+              "it run on both torches", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
