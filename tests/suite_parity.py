@@ -15,6 +15,18 @@ import sys
 CURRENT_ONLY = {
     "tests/test_export.py::*dynamo*":
         "the dynamo-based ONNX exporter exists from torch 2 on",
+    "tests/test_torch2.py::test_compiled_*": "torch.compile is new in torch 2",
+    "tests/test_torch2.py::test_exported_module_*": "torch.export is new in torch 2",
+    "tests/test_torch2.py::test_model_built_on_the_meta_device_*":
+        "torch.device as a context manager is new in torch 2 (1.13's .to('meta') is "
+        "tested in test_errors.py on both)",
+    "tests/test_torch2.py::test_parametrized_layer_or_norm_is_left[[]*weight_norm*":
+        "parametrizations.weight_norm is new in torch 2 (the old nn.utils.weight_norm "
+        "is tested in test_traps.py on both)",
+    "tests/test_torch2.py::test_fused_model_runs_under_torch_compile*":
+        "torch.compile is new in torch 2",
+    "tests/test_torch2.py::test_fused_model_exports_with_torch_export*":
+        "torch.export is new in torch 2",
 }
 # node ID pattern -> why it runs on the oldest torch only
 OLDEST_ONLY = {}

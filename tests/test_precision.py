@@ -1,9 +1,12 @@
 """Fused values against the exact fold (fractions, one rounding): at least 99.9%
 identical and all within 1 ULP, for every dtype, layout and pattern."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
+from conftest import rel_err
 from exact import check_precision, exact_after, exact_before
 from fusion import fuse, fuse_conv_and_bn
 
@@ -132,3 +135,36 @@ def test_torch_fold_is_not_this_precise():
     with pytest.raises(AssertionError):
         check_precision(theirs.weight, w_exact)
     check_precision(fuse(model)[0].weight, w_exact)
+
+
+# --- half models run natively --------------------------------------------------------
+# torch 2 runs float16 and bfloat16 convolutions on the CPU; 1.13 has no CPU half
+# kernels (which is why verify runs half models in float32 on both). Natively, the
+# fused model may err more than the unfused one only by the rounding of its fused
+# weights: its error against a float64 run of the model is at most HALF_MULTIPLE
+# times the unfused model's own error in that dtype (measured: 0.87-1.11 on these).
+HALF_MULTIPLE = 1.5
+NATIVE_HALF = int(torch.__version__.split(".")[0]) >= 2
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0",
+                                  "densenet121"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_natively_errs_like_the_unfused_one(name, dtype):
+    from zoo import build
+
+    base = build(name, shape=(2, 3, 64, 64))
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = copy.deepcopy(base).double()(x.double())
+    model = base.to(dtype)
+    fused = fuse(model)
+    if not NATIVE_HALF and dtype == torch.float16:
+        with pytest.raises(RuntimeError, match="not implemented for 'Half'"):
+            with torch.no_grad():
+                model(x.to(dtype))
+        return
+    with torch.no_grad():
+        own = rel_err(want, model(x.to(dtype)))
+        err = rel_err(want, fused(x.to(dtype)))
+    assert 0 < err <= HALF_MULTIPLE * own, (err, own)

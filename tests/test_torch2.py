@@ -152,7 +152,6 @@ def test_model_built_on_the_meta_device_is_an_error():
     assert all(t.is_meta for t in model.state_dict().values())
 
 
-@needs_torch2
 def test_model_built_under_a_fake_tensor_mode_is_an_error():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
