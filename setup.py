@@ -76,14 +76,17 @@ def _extension():
         "fusion._C",
         sources=["csrc/fold.c", "csrc/module.c", "csrc/torch_shim.cpp"],
         include_dirs=["csrc"] + include_dirs,
+        # No rpath to torch's libraries: `import torch` (fusion/_native.py) has
+        # loaded them, and the loader resolves these by soname to the running
+        # torch's. With an rpath, a build for another torch would load a second
+        # libtorch into the process, whose initialisers abort it.
         library_dirs=library_dirs,
-        runtime_library_dirs=library_dirs,
         libraries=["c10", "torch_cpu", "torch", "torch_python"],
         define_macros=[
             ("_GLIBCXX_USE_CXX11_ABI", str(abi)),
             ("FUSION_TORCH_VERSION", '"%s"' % version),
         ],
-        depends=["csrc/fold.h", "csrc/torch_shim.h"],
+        depends=["csrc/fold.h", "csrc/torch_shim.h", "setup.py"],
         language="c++",
     )
 

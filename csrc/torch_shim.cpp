@@ -163,6 +163,13 @@ fusion_shim_storage_data(PyObject *obj)
 #define FUSION_TORCH_VERSION "unknown"
 #endif
 
+// The same version as a marker in the file itself, which fusion/_native.py
+// reads before loading the module: a build for another torch links that
+// torch's libraries, and loading them beside the running torch's can abort
+// the process in their initialisers, before Python could raise anything.
+__attribute__((used)) static const char fusion_build_marker[] =
+    "fusion-built-against-torch=" FUSION_TORCH_VERSION;
+
 extern "C" const char *
 fusion_shim_torch_version(void)
 {

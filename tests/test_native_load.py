@@ -174,3 +174,46 @@ def test_same_version_string_passes_the_check(tmp_path):
     result = import_in(package_copy(tmp_path, same))
     assert result.returncode == 0, result.stderr
     assert f"LOADED {RUNNING}" in result.stdout
+
+
+# --- across the two torches ------------------------------------------------------------
+# The Makefile builds each venv's fusion._C in build/py<ver>-torch<torch version>/
+# (setup.py). Both venvs are CPython 3.11, so both builds have the same file name:
+# the other torch's build, dropped into this torch's package, must give the rebuild
+# ImportError. CI installs the oldest venv before running either suite, so each
+# suite finds the other's build (tests/suite_parity.py requires this test to run
+# on both).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def other_torch_builds():
+    """{torch version: path} of fusion._C builds in build/ for another torch."""
+    found = {}
+    root = os.path.join(REPO, "build")
+    tag = "py%d%d-torch" % sys.version_info[:2]
+    for entry in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        version = entry[len(tag):] if entry.startswith(tag) else None
+        if version is None or version == torch.__version__:
+            continue
+        for dirpath, _, files in os.walk(os.path.join(root, entry)):
+            for name in files:
+                if name == f"_C{SUFFIX}" and os.path.basename(dirpath) == "fusion":
+                    found[version] = os.path.join(dirpath, name)
+    return found
+
+
+def test_a_build_for_the_other_torch_gives_the_rebuild_error(tmp_path):
+    builds = other_torch_builds()
+    if not builds:
+        pytest.skip("no build for another torch in build/: run `make install-oldest` "
+                    "and `make install` (CI does both first)")
+    for version, path in builds.items():
+        root = tmp_path / version
+        root.mkdir()
+        result = import_in(package_copy(root, lambda dest: shutil.copy(path, dest)))
+        last = assert_explained(result)
+        built = version.split("+")[0]
+        # Either the loader refuses it (another libtorch's symbols), or it loads
+        # and its recorded torch version differs from the running one.
+        assert ("could not be loaded" in last or
+                f"built against torch {built}, but torch {RUNNING}" in last), last
