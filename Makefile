@@ -128,8 +128,12 @@ test-python: install
 demo: install
 	$(VENV)/bin/fusion demo
 
-bench: install
-	$(PY) benchmarks/run.py --quick
+# The whole quick run on the current torch, after fuse() time and latency on the
+# oldest (the two that differ notably between them), shown side by side.
+BENCH_OLDEST := benchmarks/results/raw/oldest
+bench: install install-oldest
+	$(PY_OLDEST) benchmarks/run.py --quick --only fuse_time latency --raw $(BENCH_OLDEST) --no-report
+	$(PY) benchmarks/run.py --quick --oldest-raw $(BENCH_OLDEST)
 
 bench-full: install
 	$(PY) benchmarks/run.py --full

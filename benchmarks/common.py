@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RAW = os.path.join(RESULTS, "raw")
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # zoo.py and exact.py live there
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# fusion is the one installed in this venv (`make install`): the source tree's
+# fusion/ holds no extension, so ROOT stays off sys.path.
 
 import fusion  # noqa: E402
 import zoo  # noqa: E402
@@ -104,6 +104,16 @@ def environment(threads):
         "commit": _git_commit(),
         "argv": sys.argv[1:],
     }
+
+
+def blas_label(env):
+    """One truthful name for the BLAS a result ran on: Debian's torch calls the
+    system libblas.so.3 (BLAS_INFO=generic), chosen by the alternatives link; pip's
+    torch carries its own (BLAS_INFO=mkl on x86-64, linked into libtorch_cpu)."""
+    info = env.get("torch_blas_info")
+    if info in (None, "generic") and env.get("blas_alternative"):
+        return os.path.basename(os.path.dirname(str(env["blas_alternative"])))
+    return f"{info} (built into torch)" if info else "unknown"
 
 
 def set_threads(n):

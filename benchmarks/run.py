@@ -83,6 +83,11 @@ def main(argv=None):
                     help="run only these steps (the report uses whatever raw files exist)")
     ap.add_argument("--raw", default=os.path.join(HERE, "results", "raw"))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--oldest-raw", default=None,
+                    help="raw results of the oldest torch (make bench writes them first), "
+                         "for the report's side-by-side table")
+    ap.add_argument("--no-report", action="store_true",
+                    help="write the raw results only")
     ap.add_argument("--cache-dir", default=None,
                     help="keep built zoo models here (default: a temporary directory)")
     args = ap.parse_args(argv)
@@ -109,9 +114,13 @@ def main(argv=None):
         if not args.cache_dir:
             shutil.rmtree(cache, ignore_errors=True)
     elapsed = time.perf_counter() - start
-    rc = subprocess.call([sys.executable, os.path.join(HERE, "report.py"), "--raw",
-                          args.raw, "--out", args.out, "--mode", mode,
-                          "--elapsed", f"{elapsed:.0f}"], env=env)
+    rc = 0
+    if not args.no_report:
+        rc = subprocess.call([sys.executable, os.path.join(HERE, "report.py"), "--raw",
+                              args.raw, "--out", args.out, "--mode", mode,
+                              "--elapsed", f"{elapsed:.0f}"]
+                             + (["--oldest-raw", args.oldest_raw] if args.oldest_raw
+                                else []), env=env)
     print(f"\nbenchmarks ({mode}) took {elapsed / 60:.1f} min"
           + (f"; failed steps: {', '.join(failed)}" if failed else ""))
     return 1 if failed or rc else 0

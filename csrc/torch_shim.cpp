@@ -18,7 +18,8 @@
 // torch 2.1 split data_ptr() into const_data_ptr() and mutable_data_ptr(), and
 // the fold writes through the pointer, so it asks for the mutable one where it
 // exists (it also materialises a copy-on-write storage before the write).
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+#if TORCH_VERSION_MAJOR > 2 ||                                                \
+    (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
 #define FUSION_MUTABLE_DATA(t) ((t).mutable_data_ptr())
 #else
 #define FUSION_MUTABLE_DATA(t) ((t).data_ptr())

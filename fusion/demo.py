@@ -136,6 +136,11 @@ def environment() -> Environment:
         blas_loaded=_loaded_libraries(r"^lib(open)?blas"),
         mkldnn=bool(torch.backends.mkldnn.is_available()),
     )
+    if env.blas_info not in ("generic", "unknown"):
+        # pip's torch links its own BLAS (MKL on x86-64) into libtorch_cpu; the
+        # system's libblas.so.3, even where loaded by another library, is not it.
+        env.blas_name = f"{env.blas_info.upper()}, built into torch"
+        return env
     lib = _openblas()
     if lib is not None:
         lib.openblas_get_config.restype = ctypes.c_char_p
@@ -167,17 +172,17 @@ def set_threads(n: int) -> None:
 
 
 def format_environment(env: Environment) -> str:
-    """Two lines naming the torch, its threads, and the BLAS."""
+    """One line naming the torch, its threads, and the BLAS it calls."""
     blas = env.blas_name
     if env.blas_threads is not None:
         blas += f" with {env.blas_threads} thread(s) of its own"
-    where = env.blas_alternative or (env.blas_loaded[0] if env.blas_loaded else "not found")
-    return (
-        f"torch {env.torch_version}: {env.threads} thread(s), "
-        f"{env.interop_threads} inter-op; oneDNN {'on' if env.mkldnn else 'off'}; "
-        f"BLAS_INFO={env.blas_info}\n"
-        f"BLAS: {blas} (libblas.so.3 -> {where})"
-    )
+    if env.blas_info in ("generic", "unknown"):  # torch calls the system's libblas.so.3
+        where = env.blas_alternative or (env.blas_loaded[0] if env.blas_loaded
+                                         else "not found")
+        blas += f" (libblas.so.3 -> {where})"
+    return (f"torch {env.torch_version}: {env.threads} thread(s), "
+            f"{env.interop_threads} inter-op; oneDNN {'on' if env.mkldnn else 'off'}; "
+            f"BLAS: {blas}")
 
 
 # --- Models ------------------------------------------------------------------------

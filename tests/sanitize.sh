@@ -2,11 +2,11 @@
 # tests/sanitize.sh - the Python tests against fusion._C built with
 # AddressSanitizer and UndefinedBehaviorSanitizer.
 #
-# The sanitized extension is built into build/asan, never into the source
+# The sanitized extension is built into build/asan-torch<version>, never into the source
 # tree (other work imports fusion/_C*.so from there), with the package's
 # Python files copied next to it. The uninstrumented interpreter needs the
 # sanitizer runtimes preloaded; leak reports from torch and Python themselves
-# are off. PYTHONPATH puts build/asan ahead of the editable install, and
+# are off. PYTHONPATH puts that build ahead of the installed package, and
 # `python -P` keeps the working directory (the source tree) off sys.path, so
 # that `import fusion` finds the sanitized copy; a pytest plugin fails the
 # run if it does not.
@@ -18,11 +18,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PY:-.venv/bin/python}
-OUT=build/asan
+# One sanitized build per torch, like the regular ones (setup.py).
+TORCH=$("$PY" -P -c 'import torch; print(torch.__version__)')
+OUT=build/asan-torch$TORCH
+echo "== torch $TORCH ($PY)"
 
 echo "== building fusion._C with FUSION_SANITIZE=1 into $OUT"
 FUSION_SANITIZE=1 "$PY" setup.py -q build_ext --build-lib "$OUT" \
-    --build-temp build/asan-tmp
+    --build-temp "$OUT-tmp"
 rm -f "$OUT"/fusion/*.py
 cp fusion/*.py "$OUT/fusion/"
 so=$(ls "$OUT"/fusion/_C*.so)
