@@ -10,6 +10,7 @@ import pickle
 import warnings
 
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -330,8 +331,6 @@ def test_onnx_export_has_no_batchnorm(cases, name, exporter, tmp_path):
 @pytest.mark.parametrize("name", [pytest.param("resnet18", marks=SLOW), "small"])
 def test_onnx_runtime_runs_the_fused_export(cases, name, exporter, tmp_path):
     """The fused model's export computes what the fused model computes."""
-    ort = pytest.importorskip("onnxruntime", reason="ONNX Runtime is a torch 2 venv "
-                              "extra (Makefile EXTRAS); Debian has no package of it")
     _, x, fused, _ = cases[name]
     onnx_export(fused, x, exporter, tmp_path / "fused.onnx")
     session = ort.InferenceSession(str(tmp_path / "fused.onnx"),

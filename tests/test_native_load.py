@@ -16,7 +16,7 @@ import torch
 
 import fusion
 
-pytestmark = pytest.mark.slow  # each case starts an interpreter that imports torch
+SLOW = pytest.mark.slow  # each case below starts an interpreter that imports torch
 
 PACKAGE = os.path.dirname(fusion.__file__)
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
@@ -90,6 +90,16 @@ def assert_explained(result, *phrases):
     return last
 
 
+def test_the_loaded_module_was_built_for_the_running_torch():
+    """Not marked slow: runs in every suite. The extension this interpreter loaded
+    is this venv's installed build (not the source tree's, not the other venv's),
+    compiled against the torch that is running."""
+    assert fusion._C.torch_version == RUNNING
+    assert os.path.commonpath([os.path.realpath(fusion._C.__file__),
+                               os.path.realpath(sys.prefix)]) == os.path.realpath(sys.prefix)
+
+
+@SLOW
 def test_a_good_copy_imports(tmp_path):
     """The control: the same copy with the real module imports, from the copy."""
     def real(dest):
@@ -101,12 +111,14 @@ def test_a_good_copy_imports(tmp_path):
     assert f"LOADED {RUNNING}" in result.stdout
 
 
+@SLOW
 def test_missing_native_module(tmp_path):
     last = assert_explained(import_in(package_copy(tmp_path)), "could not be loaded",
                             "or was never built", f"torch {torch.__version__}")
     assert "cannot import name '_C'" in last
 
 
+@SLOW
 def test_empty_native_module(tmp_path):
     def empty(dest):
         (dest / f"_C{SUFFIX}").write_bytes(b"")
@@ -116,6 +128,7 @@ def test_empty_native_module(tmp_path):
 
 # A module cut off inside a segment that the loader maps (4 KiB of it, say) is
 # not tested: glibc's dlopen dies of SIGBUS on it before Python can raise.
+@SLOW
 @pytest.mark.parametrize("content", [b"\x7fELF" + bytes(60), b"not a shared object\n" * 50],
                          ids=["elf-header-only", "garbage"])
 def test_corrupted_native_module(tmp_path, content):
@@ -125,6 +138,7 @@ def test_corrupted_native_module(tmp_path, content):
     assert_explained(import_in(package_copy(tmp_path, corrupted)), "could not be loaded")
 
 
+@SLOW
 def test_native_module_with_an_undefined_symbol(tmp_path):
     """What a module built against another libtorch looks like to the loader."""
     def unresolved(dest):
@@ -143,6 +157,7 @@ def test_native_module_with_an_undefined_symbol(tmp_path):
     assert "undefined symbol: fusion_symbol_from_another_torch" in last
 
 
+@SLOW
 @pytest.mark.parametrize("kind", ["extension", "python"])
 def test_native_module_built_for_another_torch_version(tmp_path, kind):
     def other(dest):
@@ -166,6 +181,7 @@ def test_native_module_built_for_another_torch_version(tmp_path, kind):
                      "was built against torch 0.9.1", f"but torch {RUNNING} is installed")
 
 
+@SLOW
 def test_same_version_string_passes_the_check(tmp_path):
     """The control for the version check: the string alone decides."""
     def same(dest):
@@ -202,6 +218,7 @@ def other_torch_builds():
     return found
 
 
+@SLOW
 def test_a_build_for_the_other_torch_gives_the_rebuild_error(tmp_path):
     builds = other_torch_builds()
     if not builds:
