@@ -229,11 +229,49 @@ fusion_status_str(fusion_status status)
 /* ------------------------------------------------------------------------ */
 /* Views.                                                                    */
 
+const char *
+fusion_part_str(fusion_part part)
+{
+    switch (part) {
+        case FUSION_PART_LAYER:
+            return "layer";
+        case FUSION_PART_NORM:
+            return "norm";
+        case FUSION_PART_POST:
+            return "post";
+        default:
+            return "";
+    }
+}
+
+const char *
+fusion_field_str(fusion_field field)
+{
+    switch (field) {
+        case FUSION_FIELD_WEIGHT:
+            return "weight";
+        case FUSION_FIELD_BIAS:
+            return "bias";
+        case FUSION_FIELD_MEAN:
+            return "running_mean";
+        case FUSION_FIELD_VAR:
+            return "running_var";
+        case FUSION_FIELD_EPS:
+            return "eps";
+        case FUSION_FIELD_SCALE:
+            return "scale";
+        default:
+            return "";
+    }
+}
+
 static void
-set_where(fusion_where *where, const char *what, int64_t index, double value)
+set_where(fusion_where *where, fusion_part part, fusion_field field,
+          int64_t index, double value)
 {
     if (where != NULL) {
-        where->what = what;
+        where->part = part;
+        where->field = field;
         where->index = index;
         where->value = value;
     }
@@ -625,35 +663,61 @@ fusion_fold_out_channels(const fusion_fold *fold)
     return fusion_fold_channels(fold);
 }
 
-fusion_status
-fusion_norm_affine(const fusion_norm *norm, int64_t channels, double *scale,
-                   double *shift, fusion_where *where)
+/* The one shape check of a norm: mean and var, and weight and bias where
+ * present, are checked 1-D views of `channels` elements. On failure, where
+ * names the field and holds the view's length. */
+static fusion_status
+norm_views_check(const fusion_norm *n, fusion_part part, int64_t channels,
+                 fusion_where *where)
 {
-    if (norm == NULL || scale == NULL || shift == NULL || channels < 0) {
-        return FUSION_E_ARG;
-    }
-    struct {
-        const fusion_view *v;
-        const char *name;
-        int required;
-    } parts[4] = {{&norm->mean, "running_mean", 1},
-                  {&norm->var, "running_var", 1},
-                  {&norm->weight, "weight", 0},
-                  {&norm->bias, "bias", 0}};
+    const fusion_view *views[4] = {&n->mean, &n->var, &n->weight, &n->bias};
+    const fusion_field fields[4] = {FUSION_FIELD_MEAN, FUSION_FIELD_VAR,
+                                    FUSION_FIELD_WEIGHT, FUSION_FIELD_BIAS};
     for (int i = 0; i < 4; i++) {
-        if (!parts[i].required && !view_present(parts[i].v)) {
+        if (i >= 2 && !view_present(views[i])) {
             continue;
         }
-        fusion_status st = vector_check(parts[i].v, channels);
+        fusion_status st = vector_check(views[i], channels);
         if (st != FUSION_OK) {
-            set_where(where, parts[i].name, -1,
-                      parts[i].v->ndim >= 1 ? (double)parts[i].v->sizes[0]
-                                            : 0.0);
+            set_where(where, part, fields[i], -1,
+                      views[i]->ndim >= 1 ? (double)views[i]->sizes[0] : 0.0);
             return st;
         }
     }
+    return FUSION_OK;
+}
+
+/* The first non-finite statistic of channel c, or FUSION_FIELD_NONE. */
+static fusion_field
+nonfinite_field(double mean, double var, double gamma, double beta,
+                double *value)
+{
+    const double v[4] = {mean, var, gamma, beta};
+    const fusion_field f[4] = {FUSION_FIELD_MEAN, FUSION_FIELD_VAR,
+                               FUSION_FIELD_WEIGHT, FUSION_FIELD_BIAS};
+    for (int i = 0; i < 4; i++) {
+        if (!isfinite(v[i])) {
+            *value = v[i];
+            return f[i];
+        }
+    }
+    return FUSION_FIELD_NONE;
+}
+
+fusion_status
+fusion_norm_affine(const fusion_norm *norm, fusion_part part, int64_t channels,
+                   double *scale, double *shift, fusion_where *where)
+{
+    if (norm == NULL || scale == NULL || channels < 0) {
+        set_where(where, FUSION_PART_NONE, FUSION_FIELD_NONE, -1, 0.0);
+        return FUSION_E_ARG;
+    }
+    fusion_status st = norm_views_check(norm, part, channels, where);
+    if (st != FUSION_OK) {
+        return st;
+    }
     if (!isfinite(norm->eps)) {
-        set_where(where, "eps", -1, norm->eps);
+        set_where(where, part, FUSION_FIELD_EPS, -1, norm->eps);
         return FUSION_E_NONFINITE;
     }
     int has_w = view_present(&norm->weight), has_b = view_present(&norm->bias);
@@ -662,20 +726,15 @@ fusion_norm_affine(const fusion_norm *norm, int64_t channels, double *scale,
         double var = vector_get(&norm->var, c);
         double gamma = has_w ? vector_get(&norm->weight, c) : 1.0;
         double beta = has_b ? vector_get(&norm->bias, c) : 0.0;
-        const char *bad = !isfinite(mean)    ? "running_mean"
-                          : !isfinite(var)   ? "running_var"
-                          : !isfinite(gamma) ? "weight"
-                          : !isfinite(beta)  ? "bias"
-                                             : NULL;
-        if (bad != NULL) {
-            set_where(where, bad, c,
-                      bad[0] == 'r' ? (bad[8] == 'm' ? mean : var)
-                                    : (bad[0] == 'w' ? gamma : beta));
+        double bad_value = 0.0;
+        fusion_field bad = nonfinite_field(mean, var, gamma, beta, &bad_value);
+        if (bad != FUSION_FIELD_NONE) {
+            set_where(where, part, bad, c, bad_value);
             return FUSION_E_NONFINITE;
         }
         double denom = var + norm->eps;
         if (!(denom > 0.0)) {
-            set_where(where, "running_var", c, var);
+            set_where(where, part, FUSION_FIELD_VAR, c, var);
             return FUSION_E_VARIANCE;
         }
         /* var + eps may overflow although both are finite; sqrt(x) is
@@ -685,11 +744,13 @@ fusion_norm_affine(const fusion_norm *norm, int64_t channels, double *scale,
                        : gamma / sqrt(denom);
         double t = fma(-mean, s, beta);
         if (!isfinite(s) || !isfinite(t)) {
-            set_where(where, "scale", c, s);
+            set_where(where, part, FUSION_FIELD_SCALE, c, s);
             return FUSION_E_OVERFLOW;
         }
         scale[c] = s;
-        shift[c] = t;
+        if (shift != NULL) {
+            shift[c] = t;
+        }
     }
     return FUSION_OK;
 }
@@ -726,25 +787,6 @@ elem_scale(const fusion_fold *f, int64_t i0, int64_t i1, int64_t a)
     return f->post != NULL ? s * f->post_scale[i0] : s;
 }
 
-/* Every vector of a norm is a checked 1-D view of `channels` elements. */
-static fusion_status
-norm_views_check(const fusion_norm *n, int64_t channels, fusion_where *where)
-{
-    const fusion_view *views[4] = {&n->mean, &n->var, &n->weight, &n->bias};
-    const char *names[4] = {"running_mean", "running_var", "weight", "bias"};
-    for (int i = 0; i < 4; i++) {
-        if (i >= 2 && !view_present(views[i])) {
-            continue;
-        }
-        fusion_status st = vector_check(views[i], channels);
-        if (st != FUSION_OK) {
-            set_where(where, names[i], -1, 0.0);
-            return st;
-        }
-    }
-    return FUSION_OK;
-}
-
 /* Rounds a fused bias value and checks that it fits the bias dtype. */
 static fusion_status
 store_bias(const fusion_fold *fold, int64_t o, long double v, double *new_bias,
@@ -752,7 +794,7 @@ store_bias(const fusion_fold *fold, int64_t o, long double v, double *new_bias,
 {
     double rounded = (double)v;
     if (!fusion_fits(rounded, fold->bias_out.dtype)) {
-        set_where(where, "bias", o, rounded);
+        set_where(where, FUSION_PART_LAYER, FUSION_FIELD_BIAS, o, rounded);
         return FUSION_E_OVERFLOW;
     }
     new_bias[o] = rounded;
@@ -767,7 +809,7 @@ finish_before_bias(const fusion_fold *fold, int64_t o, long double acc,
 {
     double b = has_bias ? vector_get(&fold->bias_in, o) : 0.0;
     if (!isfinite(b)) {
-        set_where(where, "bias", o, b);
+        set_where(where, FUSION_PART_LAYER, FUSION_FIELD_BIAS, o, b);
         return FUSION_E_NONFINITE;
     }
     long double v = (long double)b + acc;
@@ -844,39 +886,35 @@ weights_ok_parallel(const fusion_fold *fold, int64_t d0, int64_t d1, int64_t a,
 #endif
 }
 
-fusion_status
-fusion_fold_check(const fusion_fold *fold, double *new_bias,
-                  fusion_where *where)
+/* The arguments, every view's dtype, bounds and shape, and that the written
+ * views reach each element once. */
+static fusion_status
+fold_views_check(const fusion_fold *fold, fusion_where *where)
 {
-    if (fold == NULL || new_bias == NULL || fold->norm == NULL ||
-        fold->scale == NULL || fold->shift == NULL) {
+    set_where(where, FUSION_PART_NONE, FUSION_FIELD_NONE, -1, 0.0);
+    if (fold->norm == NULL || fold->scale == NULL ||
+        (fold->post != NULL && (fold->direction != FUSION_NORM_BEFORE ||
+                                fold->post_scale == NULL))) {
         return FUSION_E_ARG;
     }
-    set_where(where, "weight", -1, 0.0);
+    set_where(where, FUSION_PART_LAYER, FUSION_FIELD_WEIGHT, -1, 0.0);
     if (!fold_shape_ok(fold)) {
         return fold->weight.ndim < 2 ? FUSION_E_SHAPE : FUSION_E_ARG;
     }
-    int before = fold->direction == FUSION_NORM_BEFORE;
-    if (fold->post != NULL &&
-        (!before || fold->post_scale == NULL || fold->post_shift == NULL)) {
-        return FUSION_E_ARG;
-    }
-    const fusion_view *w = &fold->weight;
-    fusion_status st = view_check(w);
+    fusion_status st = view_check(&fold->weight);
     if (st != FUSION_OK) {
         return st;
     }
     /* The fold scales the weight in place: an element reached twice would
      * be scaled twice. */
-    if (!view_disjoint(w)) {
+    if (!view_disjoint(&fold->weight)) {
         return FUSION_E_OVERLAP;
     }
     int64_t d_out = fusion_fold_out_channels(fold);
-    int has_bias = view_present(&fold->bias_in);
-    if (has_bias) {
+    set_where(where, FUSION_PART_LAYER, FUSION_FIELD_BIAS, -1, 0.0);
+    if (view_present(&fold->bias_in)) {
         st = vector_check(&fold->bias_in, d_out);
         if (st != FUSION_OK) {
-            set_where(where, "bias", -1, 0.0);
             return st;
         }
     }
@@ -885,38 +923,56 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
         st = FUSION_E_OVERLAP;
     }
     if (st != FUSION_OK) {
-        set_where(where, "bias", -1, 0.0);
         return st;
     }
-
     /* The norms' vectors are read again below (in long double): never trust
      * that fusion_norm_affine() checked these very views. */
-    st = norm_views_check(fold->norm, fusion_fold_channels(fold), where);
+    st = norm_views_check(fold->norm, FUSION_PART_NORM,
+                          fusion_fold_channels(fold), where);
     if (st == FUSION_OK && fold->post != NULL) {
-        st = norm_views_check(fold->post, d_out, where);
+        st = norm_views_check(fold->post, FUSION_PART_POST, d_out, where);
     }
-    if (st != FUSION_OK) {
-        return st;
-    }
+    return st;
+}
 
+/* The largest |fused weight| of block (i0, i1) fits the dtype; a float64
+ * weight's product is formed in long double, as run_scale() forms it. */
+static int
+block_fits(const fusion_fold *fold, int64_t i0, int64_t i1, int64_t a,
+           double m, double *largest)
+{
+    long double s = fabsl(elem_scale(fold, i0, i1, a));
+    *largest = fold->weight.dtype == FUSION_DTYPE_F64
+                   ? (double)((long double)m * s)
+                   : m * (double)s;
+    return fusion_fits(*largest, fold->weight.dtype);
+}
+
+/* Reads every weight once: each is finite, each fused weight fits, and with
+ * the norm before the layer each output channel's bias is accumulated and
+ * stored into new_bias. */
+static fusion_status
+weights_check(const fusion_fold *fold, double *new_bias, fusion_where *where)
+{
+    const fusion_view *w = &fold->weight;
+    int before = fold->direction == FUSION_NORM_BEFORE;
+    int has_bias = view_present(&fold->bias_in);
     int64_t d0, d1, a;
     rest_dims r;
     fold_layout(fold, &d0, &d1, &a, &r);
     int empty = view_numel(w) == 0; /* no weight to read, biases still due */
-    for (int64_t o = 0; o < d_out; o++) {
-        new_bias[o] = 0.0;
-    }
     /* A large weight with the norm after it is read by several threads
      * first; only if that finds a fault does the serial loop below run over
      * the weight, to report the first one exactly as without threads. */
-    int weights_ok =
-        !before && !empty && weights_ok_parallel(fold, d0, d1, a, &r);
-    for (int64_t i0 = 0; i0 < d0 && !weights_ok; i0++) {
+    if (!before && !empty && weights_ok_parallel(fold, d0, d1, a, &r)) {
+        return FUSION_OK;
+    }
+    for (int64_t i0 = 0; i0 < d0; i0++) {
         long double acc = 0.0L, acc_c = 0.0L; /* Neumaier, see above */
         for (int64_t i1 = 0; i1 < d1; i1++) {
             int64_t ch = channel_of(fold, i0, i1, a);
             int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
-            double m = 0.0;
+            double m = 0.0, largest = 0.0;
             long double row = 0.0L;
             int64_t bad = 0;
             int found = 0;
@@ -935,19 +991,14 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
                 row += sum;
             });
             if (found) {
-                set_where(where, "weight", bad,
+                set_where(where, FUSION_PART_LAYER, FUSION_FIELD_WEIGHT, bad,
                           fusion_load(elem_ptr(w, bad), w->dtype));
                 return FUSION_E_NONFINITE;
             }
-            /* Rounding is monotonic, so the largest magnitude decides, if
-             * its product is formed as run_scale() forms it: in long double
-             * for a float64 weight, else in double. */
-            long double s = fabsl(elem_scale(fold, i0, i1, a));
-            double largest = w->dtype == FUSION_DTYPE_F64
-                                 ? (double)((long double)m * s)
-                                 : m * (double)s;
-            if (!fusion_fits(largest, w->dtype)) {
-                set_where(where, "weight", base, largest);
+            /* Rounding is monotonic, so the largest magnitude decides. */
+            if (!block_fits(fold, i0, i1, a, m, &largest)) {
+                set_where(where, FUSION_PART_LAYER, FUSION_FIELD_WEIGHT, base,
+                          largest);
                 return FUSION_E_OVERFLOW;
             }
             if (before) {
@@ -960,39 +1011,67 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
             }
         }
         if (before) {
-            fusion_status st2 = finish_before_bias(fold, i0, acc + acc_c,
-                                                   has_bias, new_bias, where);
-            if (st2 != FUSION_OK) {
-                return st2;
+            fusion_status st = finish_before_bias(fold, i0, acc + acc_c,
+                                                  has_bias, new_bias, where);
+            if (st != FUSION_OK) {
+                return st;
             }
         }
     }
-    if (before) {
-        return FUSION_OK;
-    }
+    return FUSION_OK;
+}
+
+/* The biases of a fold with the norm after the layer:
+ * (b - mean) * s + beta, in long double so that a float64 bias is rounded
+ * once. b - mean is exact for two values of one narrower format with close
+ * exponents, which is where a bias and a running mean cancel. */
+static fusion_status
+after_bias(const fusion_fold *fold, double *new_bias, fusion_where *where)
+{
     const fusion_norm *norm = fold->norm;
+    int has_bias = view_present(&fold->bias_in);
+    int64_t d_out = fusion_fold_out_channels(fold);
     for (int64_t o = 0; o < d_out; o++) {
         double b = has_bias ? vector_get(&fold->bias_in, o) : 0.0;
         if (!isfinite(b)) {
-            set_where(where, "bias", o, b);
+            set_where(where, FUSION_PART_LAYER, FUSION_FIELD_BIAS, o, b);
             return FUSION_E_NONFINITE;
         }
-        /* (b - mean) * s + beta, in long double so that a float64 bias is
-         * rounded once. b - mean is exact for two values of one narrower
-         * format with close exponents, which is where a bias and a running
-         * mean cancel. */
         long double s1 = wide_scale(norm, o);
         long double beta =
             view_present(&norm->bias) ? vector_get(&norm->bias, o) : 0.0L;
         long double v =
             ((long double)b - (long double)vector_get(&norm->mean, o)) * s1 +
             beta;
-        fusion_status st2 = store_bias(fold, o, v, new_bias, where);
-        if (st2 != FUSION_OK) {
-            return st2;
+        fusion_status st = store_bias(fold, o, v, new_bias, where);
+        if (st != FUSION_OK) {
+            return st;
         }
     }
     return FUSION_OK;
+}
+
+fusion_status
+fusion_fold_check(const fusion_fold *fold, double *new_bias,
+                  fusion_where *where)
+{
+    if (fold == NULL || new_bias == NULL) {
+        set_where(where, FUSION_PART_NONE, FUSION_FIELD_NONE, -1, 0.0);
+        return FUSION_E_ARG;
+    }
+    fusion_status st = fold_views_check(fold, where);
+    if (st != FUSION_OK) {
+        return st;
+    }
+    int64_t d_out = fusion_fold_out_channels(fold);
+    for (int64_t o = 0; o < d_out; o++) {
+        new_bias[o] = 0.0;
+    }
+    st = weights_check(fold, new_bias, where);
+    if (st != FUSION_OK || fold->direction == FUSION_NORM_BEFORE) {
+        return st;
+    }
+    return after_bias(fold, new_bias, where);
 }
 
 void

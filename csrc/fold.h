@@ -99,10 +99,11 @@ typedef enum {
  * zero bias). bias_out is written; it has d_out elements and may be the same
  * view as bias_in.
  *
- * norm is folded along the channel map, with scale and shift (C doubles
- * each) computed by fusion_norm_affine(norm). With FUSION_NORM_BEFORE a
- * second norm, post, may follow the layer; it is folded along axis 0 in the
- * same pass, so that each value is still rounded once:
+ * norm is folded along the channel map, with scale (C doubles) computed by
+ * fusion_norm_affine(norm). The shift the bias needs is recomputed from the
+ * norm in long double, so that a float64 bias is rounded once. With
+ * FUSION_NORM_BEFORE a second norm, post, may follow the layer; it is folded
+ * along axis 0 in the same pass, so that each value is still rounded once:
  *
  *   W'[i0, i1, ...] = W[i0, i1, ...] * scale[c] * post_scale[i0]
  *   b'[o] = ((b[o] + sum W[o, ...] * shift[c]) - post_mean[o])
@@ -117,17 +118,41 @@ typedef struct {
     fusion_channel_map map;
     int64_t groups; /* used by FUSION_GROUPED, >= 1 */
     const fusion_norm *norm;
-    const double *scale, *shift;
+    const double *scale;
     const fusion_norm *post;
-    const double *post_scale, *post_shift;
+    const double *post_scale;
 } fusion_fold;
 
-/* Where a check failed: the view ("weight", "running_var", ...) and the
- * element in it, or -1: a flat index for the 1-D views, the element offset
- * from data for the weight (its flat index only when it is contiguous).
- * Filled by the functions below on failure. */
+/* Which part of a fold a failed check is about. */
+typedef enum {
+    FUSION_PART_NONE = 0,  /* the fold as a whole (its arguments) */
+    FUSION_PART_LAYER = 1, /* the layer: weight, bias_in, bias_out */
+    FUSION_PART_NORM = 2,  /* fold->norm */
+    FUSION_PART_POST = 3   /* fold->post */
+} fusion_part;
+
+/* Which field of that part. */
+typedef enum {
+    FUSION_FIELD_NONE = 0,
+    FUSION_FIELD_WEIGHT =
+        1,                 /* the layer's weight, or a norm's weight (gamma) */
+    FUSION_FIELD_BIAS = 2, /* the layer's bias (bias_in or bias_out), or a
+                              norm's bias (beta) */
+    FUSION_FIELD_MEAN = 3, /* a norm's running mean */
+    FUSION_FIELD_VAR = 4,  /* a norm's running variance */
+    FUSION_FIELD_EPS = 5,  /* a norm's eps */
+    FUSION_FIELD_SCALE = 6 /* a norm's computed scale or shift */
+} fusion_field;
+
+/* Where a check failed, filled by the functions below on failure: the part
+ * and field, and the element: a flat index for the 1-D views, the element
+ * offset from data for the weight (its flat index only when it is
+ * contiguous), or -1 for the view as a whole. value is the element's value;
+ * for a view of the wrong length (FUSION_E_SHAPE with index -1), its
+ * length. */
 typedef struct {
-    const char *what;
+    fusion_part part;
+    fusion_field field;
     int64_t index;
     double value;
 } fusion_where;
@@ -139,15 +164,19 @@ int64_t fusion_fold_out_channels(const fusion_fold *fold);
 
 /* Computes scale[c] and shift[c] for c in [0, C) in float64:
  *   scale = weight / sqrt(running_var + eps), shift = bias - mean * scale.
- * Fails with FUSION_E_SHAPE if a view is not 1-D of length C,
- * FUSION_E_NONFINITE for a NaN or infinite statistic, FUSION_E_VARIANCE when
- * var + eps <= 0, FUSION_E_OVERFLOW when a scale or shift is not finite. */
-fusion_status fusion_norm_affine(const fusion_norm *norm, int64_t channels,
-                                 double *scale, double *shift,
-                                 fusion_where *where);
+ * shift may be NULL: it is then checked but not stored. part is what a
+ * failure reports the norm as (FUSION_PART_NORM or FUSION_PART_POST).
+ * Fails with FUSION_E_SHAPE / FUSION_E_DTYPE / FUSION_E_BOUNDS if a view is
+ * not a 1-D view of length C, FUSION_E_NONFINITE for a NaN or infinite
+ * statistic or eps, FUSION_E_VARIANCE when var + eps <= 0, and
+ * FUSION_E_OVERFLOW when a scale or shift is not finite. */
+fusion_status fusion_norm_affine(const fusion_norm *norm, fusion_part part,
+                                 int64_t channels, double *scale,
+                                 double *shift, fusion_where *where);
 
 /* Checks a fold and computes the new bias, d_out doubles, into new_bias.
- * Writes no view. Fails with FUSION_E_ARG for a missing norm or scale,
+ * Writes no view. Fails with FUSION_E_ARG for a missing norm or scale (part
+ * FUSION_PART_NONE),
  * FUSION_E_SHAPE / FUSION_E_BOUNDS / FUSION_E_DTYPE for a bad view,
  * FUSION_E_NONFINITE for a NaN or infinite weight or bias,
  * FUSION_E_OVERFLOW when a fused weight or bias would not fit its dtype, and
@@ -171,6 +200,11 @@ int fusion_fits(double x, fusion_dtype dtype);
 
 /* Size in bytes of one element, or 0. */
 size_t fusion_dtype_size(fusion_dtype dtype);
+
+/* Short names: "layer", "norm", "post" and "weight", "bias", "running_mean",
+ * "running_var", "eps", "scale"; "" for NONE. */
+const char *fusion_part_str(fusion_part part);
+const char *fusion_field_str(fusion_field field);
 
 /* A short English message for a status code. */
 const char *fusion_status_str(fusion_status status);

@@ -65,120 +65,140 @@ status_code(fusion_status st)
     }
 }
 
-/* Raises FoldError(message) with attributes code, what, index and value.
- * Always returns NULL. */
-static PyObject *
-raise_fold_error(module_state *state, const char *code, const char *what,
-                 long long index, double value, const char *message)
+/* Sets attribute name of exc to value, stealing the reference. Returns 0, or
+ * -1 with an exception set. */
+static int
+set_attr(PyObject *exc, const char *name, PyObject *value)
 {
-    PyObject *exc = NULL, *attr = NULL;
-    exc = PyObject_CallFunction(state->fold_error, "s", message);
+    if (value == NULL) {
+        return -1;
+    }
+    int rc = PyObject_SetAttrString(exc, name, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* Raises FoldError(message) with attributes code, part, field, index and
+ * value: where the check failed, as data (fold.h's fusion_where). Always
+ * returns NULL. */
+static PyObject *
+raise_fold_error(module_state *state, const char *code, fusion_where where,
+                 const char *message)
+{
+    PyObject *exc = PyObject_CallFunction(state->fold_error, "s", message);
     if (exc == NULL) {
-        goto cleanup;
+        return NULL;
     }
-    if ((attr = PyUnicode_FromString(code)) == NULL ||
-        PyObject_SetAttrString(exc, "code", attr) < 0) {
-        goto cleanup;
+    if (set_attr(exc, "code", PyUnicode_FromString(code)) == 0 &&
+        set_attr(exc, "part",
+                 PyUnicode_FromString(fusion_part_str(where.part))) == 0 &&
+        set_attr(exc, "field",
+                 PyUnicode_FromString(fusion_field_str(where.field))) == 0 &&
+        set_attr(exc, "index", PyLong_FromLongLong(where.index)) == 0 &&
+        set_attr(exc, "value", PyFloat_FromDouble(where.value)) == 0) {
+        PyErr_SetObject(state->fold_error, exc);
     }
-    Py_CLEAR(attr);
-    if ((attr = PyUnicode_FromString(what ? what : "")) == NULL ||
-        PyObject_SetAttrString(exc, "what", attr) < 0) {
-        goto cleanup;
-    }
-    Py_CLEAR(attr);
-    if ((attr = PyLong_FromLongLong(index)) == NULL ||
-        PyObject_SetAttrString(exc, "index", attr) < 0) {
-        goto cleanup;
-    }
-    Py_CLEAR(attr);
-    if ((attr = PyFloat_FromDouble(value)) == NULL ||
-        PyObject_SetAttrString(exc, "value", attr) < 0) {
-        goto cleanup;
-    }
-    Py_CLEAR(attr);
-    PyErr_SetObject(state->fold_error, exc);
-cleanup:
-    Py_XDECREF(attr);
-    Py_XDECREF(exc);
+    Py_DECREF(exc);
     return NULL;
 }
 
-static PyObject *
-raise_status(module_state *state, fusion_status st, const fusion_where *w)
+/* "norm running_var", "post bias", "weight": a field as a message names it. */
+static void
+field_label(fusion_where w, char *buf, size_t n)
 {
-    char msg[256];
-    const char *what = w->what ? w->what : "tensor";
-    if (w->index >= 0) {
-        snprintf(msg, sizeof msg, "%s: %s at index %lld (value %.17g)", what,
-                 fusion_status_str(st), (long long)w->index, w->value);
+    const char *part =
+        w.part == FUSION_PART_LAYER ? "" : fusion_part_str(w.part);
+    snprintf(buf, n, "%s%s%s", part, *part ? " " : "",
+             *fusion_field_str(w.field) ? fusion_field_str(w.field) : "fold");
+}
+
+static PyObject *
+raise_status(module_state *state, fusion_status st, fusion_where w)
+{
+    char msg[256], label[48];
+    field_label(w, label, sizeof label);
+    if (st == FUSION_E_SHAPE && w.index < 0 && w.value > 0) {
+        snprintf(msg, sizeof msg, "%s: %s (a view of %.0f elements)", label,
+                 fusion_status_str(st), w.value);
+    }
+    else if (w.index >= 0) {
+        snprintf(msg, sizeof msg, "%s: %s at index %lld (value %.17g)", label,
+                 fusion_status_str(st), (long long)w.index, w.value);
     }
     else {
-        snprintf(msg, sizeof msg, "%s: %s", what, fusion_status_str(st));
+        snprintf(msg, sizeof msg, "%s: %s", label, fusion_status_str(st));
     }
-    return raise_fold_error(state, status_code(st), what, w->index, w->value,
-                            msg);
+    return raise_fold_error(state, status_code(st), w, msg);
+}
+
+/* A FoldError about one argument as a whole. */
+static PyObject *
+raise_arg(module_state *state, const char *code, fusion_part part,
+          fusion_field field, const char *message)
+{
+    fusion_where w = {part, field, -1, 0.0};
+    return raise_fold_error(state, code, w, message);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Tensors to views.                                                         */
 
 /* Fills *view from a tensor, or leaves it absent for None when optional.
- * Returns 0, or -1 with FoldError set. */
+ * Returns 0, or -1 with FoldError set, naming part and field. */
 static int
-to_view(module_state *state, PyObject *obj, const char *name, int optional,
-        fusion_view *view)
+to_view(module_state *state, PyObject *obj, fusion_part part,
+        fusion_field field, int optional, fusion_view *view)
 {
     fusion_tensor_info info;
-    char err[256] = "";
-    char msg[384];
+    char err[256] = "", msg[384], label[48];
+    fusion_where w = {part, field, -1, 0.0};
     memset(view, 0, sizeof *view);
     if (obj == Py_None && optional) {
         return 0;
     }
+    field_label(w, label, sizeof label);
+    const char *code = "argument";
     if (!fusion_shim_is_tensor(obj)) {
-        snprintf(msg, sizeof msg, "%s: expected a torch.Tensor, got %s", name,
+        snprintf(msg, sizeof msg, "%s: expected a torch.Tensor, got %s", label,
                  Py_TYPE(obj)->tp_name);
-        raise_fold_error(state, "argument", name, -1, 0.0, msg);
-        return -1;
     }
-    if (fusion_shim_describe(obj, &info, err, sizeof err) < 0) {
-        snprintf(msg, sizeof msg, "%s: %s", name, err);
-        raise_fold_error(state, "argument", name, -1, 0.0, msg);
-        return -1;
+    else if (fusion_shim_describe(obj, &info, err, sizeof err) < 0) {
+        snprintf(msg, sizeof msg, "%s: %s", label, err);
     }
-    if (!info.is_strided) {
+    else if (!info.is_strided) {
+        code = "dtype";
         snprintf(msg, sizeof msg,
                  "%s: a sparse or quantized tensor (%s) cannot be folded; "
                  "convert it to a dense float tensor first",
-                 name, info.dtype_name);
-        raise_fold_error(state, "dtype", name, -1, 0.0, msg);
-        return -1;
+                 label, info.dtype_name);
     }
-    if (info.dtype == FUSION_DTYPE_NONE) {
+    else if (info.dtype == FUSION_DTYPE_NONE) {
+        code = "dtype";
         snprintf(msg, sizeof msg,
                  "%s: dtype %s is not supported; expected float16, bfloat16, "
                  "float32 or float64",
-                 name, info.dtype_name);
-        raise_fold_error(state, "dtype", name, -1, 0.0, msg);
-        return -1;
+                 label, info.dtype_name);
     }
-    if (!info.is_cpu) {
+    else if (!info.is_cpu) {
+        code = "device";
         snprintf(msg, sizeof msg,
                  "%s: tensor is on device %s; the core folds host memory",
-                 name, info.device_name);
-        raise_fold_error(state, "device", name, -1, 0.0, msg);
-        return -1;
+                 label, info.device_name);
     }
-    view->data = info.data;
-    view->dtype = (fusion_dtype)info.dtype;
-    view->ndim = info.ndim;
-    for (int d = 0; d < info.ndim; d++) {
-        view->sizes[d] = info.sizes[d];
-        view->strides[d] = info.strides[d];
+    else {
+        view->data = info.data;
+        view->dtype = (fusion_dtype)info.dtype;
+        view->ndim = info.ndim;
+        for (int d = 0; d < info.ndim; d++) {
+            view->sizes[d] = info.sizes[d];
+            view->strides[d] = info.strides[d];
+        }
+        view->lo = -info.storage_offset;
+        view->hi = info.storage_numel - info.storage_offset;
+        return 0;
     }
-    view->lo = -info.storage_offset;
-    view->hi = info.storage_numel - info.storage_offset;
-    return 0;
+    raise_fold_error(state, code, w, msg);
+    return -1;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -210,7 +230,7 @@ typedef struct {
     fusion_view *views[REF_COUNT];
     fusion_fold fold;
     fusion_norm norm, post;
-    double *arrays; /* scale, shift, post_scale, post_shift, new_bias */
+    double *arrays; /* scale, post_scale, new_bias */
     double *new_bias;
     int64_t numel;
     int applied;
@@ -361,96 +381,33 @@ static PyType_Spec Fold_spec = {
 
 PyDoc_STRVAR(
     prepare_doc,
-    "prepare(weight, bias_in, bias_out, running_mean, running_var, "
-    "norm_weight,\n"
-    "        norm_bias, eps, before, grouped, groups, post_mean=None,\n"
-    "        post_var=None, post_weight=None, post_bias=None, post_eps=0.0)\n"
+    "prepare(weight, bias_in, bias_out, norm, *, before, grouped, groups,\n"
+    "        post=None)\n"
     "--\n\n"
     "Check one fold and compute it, writing nothing.\n\n"
-    "weight: the producer weight, folded in place by Fold.apply().\n"
-    "bias_in: the producer bias, or None for none. bias_out: the tensor that\n"
-    "receives the fused bias (may be bias_in). norm_weight and norm_bias may "
-    "be\n"
-    "None. before: the norm runs before the layer (fold into its inputs).\n"
+    "weight: the layer weight, folded in place by Fold.apply().\n"
+    "bias_in: the layer bias, or None. bias_out: the tensor that receives "
+    "the\n"
+    "fused bias (may be bias_in).\n"
+    "norm: the norm, an object with running_mean, running_var, weight, bias\n"
+    "(tensors; weight and bias may be None) and eps (a float), such as\n"
+    "fusion.NormParams.\n"
+    "before: the norm runs before the layer (fold into its inputs).\n"
     "grouped: channel c of element (i0, i1, ...) is (i0 // (d0 // groups)) *\n"
-    "d1 + i1 instead of i0. post_*: with before, a second norm after the "
-    "layer,\n"
-    "folded in the same pass.\n\n"
-    "Returns a Fold. Raises FoldError with .code, .what, .index and .value.");
+    "d1 + i1 instead of i0.\n"
+    "post: with before, a second norm after the layer, folded in the same\n"
+    "pass.\n\n"
+    "Returns a Fold. Raises FoldError with .code, .part ('layer', 'norm',\n"
+    "'post' or ''), .field ('weight', 'bias', 'running_mean', 'running_var',\n"
+    "'eps', 'scale' or ''), .index and .value.");
 
-/* Checks a norm's vectors against `channels` and computes its affine map.
- * Returns 0, or -1 with FoldError set. */
-static int
-norm_prepare(module_state *state, const char *label, fusion_norm *norm,
-             int64_t channels, double *scale, double *shift)
+/* A new, empty Fold, tracked by the GC. */
+static FoldObject *
+fold_new(module_state *state)
 {
-    fusion_where where = {NULL, -1, 0.0};
-    if (norm->mean.ndim != 1 || norm->mean.sizes[0] != channels) {
-        char msg[256];
-        snprintf(msg, sizeof msg,
-                 "%srunning_mean: has %lld elements but the layer has %lld "
-                 "channels",
-                 label,
-                 (long long)(norm->mean.ndim >= 1 ? norm->mean.sizes[0] : 0),
-                 (long long)channels);
-        raise_fold_error(state, "shape", "running_mean", -1, 0.0, msg);
-        return -1;
-    }
-    fusion_status st =
-        fusion_norm_affine(norm, channels, scale, shift, &where);
-    if (st != FUSION_OK) {
-        raise_status(state, st, &where);
-        return -1;
-    }
-    return 0;
-}
-
-static PyObject *
-prepare(PyObject *module, PyObject *args, PyObject *kwargs)
-{
-    static char *kwlist[] = {
-        "weight",      "bias_in",   "bias_out", "running_mean", "running_var",
-        "norm_weight", "norm_bias", "eps",      "before",       "grouped",
-        "groups",      "post_mean", "post_var", "post_weight",  "post_bias",
-        "post_eps",    NULL};
-    static const char *names[REF_COUNT] = {"weight",
-                                           "bias",
-                                           "bias",
-                                           "running_mean",
-                                           "running_var",
-                                           "norm weight",
-                                           "norm bias",
-                                           "post running_mean",
-                                           "post running_var",
-                                           "post norm weight",
-                                           "post norm bias"};
-    static const int optional[REF_COUNT] = {0, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1};
-    module_state *state = get_state(module);
-    PyObject *objs[REF_COUNT] = {NULL};
-    double eps = 0.0, post_eps = 0.0;
-    int before = 0, grouped = 0;
-    long long groups = 1;
-    FoldObject *self = NULL;
-    fusion_where where = {NULL, -1, 0.0};
-    fusion_view *views[REF_COUNT];
-    PyObject *result = NULL;
-    fusion_status st;
-
-    for (int i = REF_POST_MEAN; i < REF_COUNT; i++) {
-        objs[i] = Py_None;
-    }
-    if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOOOOOdppL|OOOOd:prepare", kwlist,
-            &objs[REF_WEIGHT], &objs[REF_BIAS_IN], &objs[REF_BIAS_OUT],
-            &objs[REF_MEAN], &objs[REF_VAR], &objs[REF_GAMMA], &objs[REF_BETA],
-            &eps, &before, &grouped, &groups, &objs[REF_POST_MEAN],
-            &objs[REF_POST_VAR], &objs[REF_POST_GAMMA], &objs[REF_POST_BETA],
-            &post_eps)) {
-        return NULL;
-    }
-    self = PyObject_GC_New(FoldObject, state->fold_type);
+    FoldObject *self = PyObject_GC_New(FoldObject, state->fold_type);
     if (self == NULL) {
-        goto cleanup;
+        return NULL;
     }
     memset(self->refs, 0, sizeof self->refs);
     memset(self->storages, 0, sizeof self->storages);
@@ -463,84 +420,104 @@ prepare(PyObject *module, PyObject *args, PyObject *kwargs)
     self->numel = 0;
     self->applied = 0;
     PyObject_GC_Track((PyObject *)self);
-    for (int i = 0; i < REF_COUNT; i++) {
-        Py_INCREF(objs[i]);
-        self->refs[i] = objs[i];
-    }
-    fusion_fold *fold = &self->fold;
-    int has_post = objs[REF_POST_MEAN] != Py_None;
-    views[REF_WEIGHT] = &fold->weight;
-    views[REF_BIAS_IN] = &fold->bias_in;
-    views[REF_BIAS_OUT] = &fold->bias_out;
-    views[REF_MEAN] = &self->norm.mean;
-    views[REF_VAR] = &self->norm.var;
-    views[REF_GAMMA] = &self->norm.weight;
-    views[REF_BETA] = &self->norm.bias;
-    views[REF_POST_MEAN] = &self->post.mean;
-    views[REF_POST_VAR] = &self->post.var;
-    views[REF_POST_GAMMA] = &self->post.weight;
-    views[REF_POST_BETA] = &self->post.bias;
-    for (int i = 0; i < REF_COUNT; i++) {
-        int opt = optional[i] || (i == REF_POST_VAR && !has_post);
-        if (to_view(state, objs[i], names[i], opt, views[i]) < 0) {
-            goto cleanup;
-        }
-        self->views[i] = views[i];
-        if (objs[i] != Py_None) {
-            self->storages[i] = fusion_shim_storage_retain(objs[i]);
-            self->storage_data[i] = fusion_shim_storage_data(objs[i]);
-            if (self->storages[i] == NULL) {
-                raise_fold_error(state, "argument", names[i], -1, 0.0,
-                                 "cannot hold the tensor's storage");
-                goto cleanup;
-            }
-        }
-    }
-    if (has_post && !before) {
-        raise_fold_error(state, "argument", "post", -1, 0.0,
-                         "post: a second norm folds only with before=True");
-        goto cleanup;
-    }
-    self->norm.eps = eps;
-    self->post.eps = post_eps;
-    fold->direction = before ? FUSION_NORM_BEFORE : FUSION_NORM_AFTER;
-    fold->map = grouped ? FUSION_GROUPED : FUSION_AXIS0;
-    fold->groups = groups;
+    return self;
+}
 
+/* Holds obj (a tensor, or None where optional) as ref i, with its storage,
+ * and describes it into view. Returns 0, or -1 with FoldError set. */
+static int
+hold(module_state *state, FoldObject *self, int i, PyObject *obj,
+     fusion_part part, fusion_field field, int optional, fusion_view *view)
+{
+    Py_INCREF(obj);
+    self->refs[i] = obj;
+    if (to_view(state, obj, part, field, optional, view) < 0) {
+        return -1;
+    }
+    self->views[i] = view;
+    if (obj != Py_None) {
+        self->storages[i] = fusion_shim_storage_retain(obj);
+        self->storage_data[i] = fusion_shim_storage_data(obj);
+        if (self->storages[i] == NULL) {
+            raise_arg(state, "argument", part, field,
+                      "cannot hold the tensor's storage");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Holds the tensors of a norm object (refs first .. first + 3) and reads its
+ * eps. Returns 0, or -1 with an exception set. */
+static int
+hold_norm(module_state *state, FoldObject *self, PyObject *obj,
+          fusion_part part, int first, fusion_norm *norm)
+{
+    static const char *attrs[4] = {"running_mean", "running_var", "weight",
+                                   "bias"};
+    static const fusion_field fields[4] = {FUSION_FIELD_MEAN, FUSION_FIELD_VAR,
+                                           FUSION_FIELD_WEIGHT,
+                                           FUSION_FIELD_BIAS};
+    fusion_view *views[4] = {&norm->mean, &norm->var, &norm->weight,
+                             &norm->bias};
+    for (int k = 0; k < 4; k++) {
+        PyObject *t = PyObject_GetAttrString(obj, attrs[k]);
+        if (t == NULL) {
+            return -1;
+        }
+        int rc =
+            hold(state, self, first + k, t, part, fields[k], k >= 2, views[k]);
+        Py_DECREF(t);
+        if (rc < 0) {
+            return -1;
+        }
+    }
+    PyObject *eps = PyObject_GetAttrString(obj, "eps");
+    if (eps == NULL) {
+        return -1;
+    }
+    norm->eps = PyFloat_AsDouble(eps);
+    Py_DECREF(eps);
+    return norm->eps == -1.0 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* Computes the norms' scales and checks the fold, into self's arrays.
+ * Returns 0, or -1 with an exception set. */
+static int
+fold_compute(module_state *state, FoldObject *self)
+{
+    fusion_fold *fold = &self->fold;
+    fusion_where where = {FUSION_PART_NONE, FUSION_FIELD_NONE, -1, 0.0};
     int64_t channels = fusion_fold_channels(fold);
     int64_t d_out = fusion_fold_out_channels(fold);
     if (fold->weight.ndim < 2 || channels == 0) {
         char msg[256];
         snprintf(msg, sizeof msg,
                  "weight: cannot fold a weight of %d dims with groups=%lld",
-                 fold->weight.ndim, groups);
-        raise_fold_error(state, "shape", "weight", -1, 0.0, msg);
-        goto cleanup;
+                 fold->weight.ndim, (long long)fold->groups);
+        raise_arg(state, "shape", FUSION_PART_LAYER, FUSION_FIELD_WEIGHT, msg);
+        return -1;
     }
     size_t nc = (size_t)channels, no = (size_t)(d_out > 0 ? d_out : 1);
-    self->arrays = PyMem_Malloc((2 * nc + 3 * no) * sizeof(double));
+    self->arrays = PyMem_Malloc((nc + 2 * no) * sizeof(double));
     if (self->arrays == NULL) {
         PyErr_NoMemory();
-        goto cleanup;
+        return -1;
     }
-    double *scale = self->arrays, *shift = scale + nc;
-    double *post_scale = shift + nc, *post_shift = post_scale + no;
-    self->new_bias = post_shift + no;
-    if (norm_prepare(state, "", &self->norm, channels, scale, shift) < 0) {
-        goto cleanup;
+    double *scale = self->arrays, *post_scale = scale + nc;
+    self->new_bias = post_scale + no;
+    fusion_status st = fusion_norm_affine(&self->norm, FUSION_PART_NORM,
+                                          channels, scale, NULL, &where);
+    if (st == FUSION_OK && fold->post != NULL) {
+        st = fusion_norm_affine(&self->post, FUSION_PART_POST, d_out,
+                                post_scale, NULL, &where);
     }
-    fold->norm = &self->norm;
+    if (st != FUSION_OK) {
+        raise_status(state, st, where);
+        return -1;
+    }
     fold->scale = scale;
-    fold->shift = shift;
-    if (has_post) {
-        if (norm_prepare(state, "post ", &self->post, d_out, post_scale,
-                         post_shift) < 0) {
-            goto cleanup;
-        }
-        fold->post = &self->post;
-        fold->post_scale = post_scale;
-        fold->post_shift = post_shift;
-    }
+    fold->post_scale = fold->post != NULL ? post_scale : NULL;
     self->numel = 1;
     for (int d = 0; d < fold->weight.ndim; d++) {
         self->numel *= fold->weight.sizes[d];
@@ -554,14 +531,57 @@ prepare(PyObject *module, PyObject *args, PyObject *kwargs)
         st = fusion_fold_check(fold, self->new_bias, &where);
     }
     if (st != FUSION_OK) {
-        raise_status(state, st, &where);
-        goto cleanup;
+        raise_status(state, st, where);
+        return -1;
     }
-    result = (PyObject *)self;
-    self = NULL;
-cleanup:
-    Py_XDECREF(self);
-    return result;
+    return 0;
+}
+
+static PyObject *
+prepare(PyObject *module, PyObject *args, PyObject *kwargs)
+{
+    static char *kwlist[] = {"weight", "bias_in", "bias_out",
+                             "norm",   "before",  "grouped",
+                             "groups", "post",    NULL};
+    module_state *state = get_state(module);
+    PyObject *weight, *bias_in, *bias_out, *norm, *post = Py_None;
+    int before = 0, grouped = 0;
+    long long groups = 1;
+    if (!PyArg_ParseTupleAndKeywords(
+            args, kwargs, "OOOO|$ppLO:prepare", kwlist, &weight, &bias_in,
+            &bias_out, &norm, &before, &grouped, &groups, &post)) {
+        return NULL;
+    }
+    if (post != Py_None && !before) {
+        return raise_arg(state, "argument", FUSION_PART_POST,
+                         FUSION_FIELD_NONE,
+                         "post: a second norm folds only with before=True");
+    }
+    FoldObject *self = fold_new(state);
+    if (self == NULL) {
+        return NULL;
+    }
+    fusion_fold *fold = &self->fold;
+    fold->direction = before ? FUSION_NORM_BEFORE : FUSION_NORM_AFTER;
+    fold->map = grouped ? FUSION_GROUPED : FUSION_AXIS0;
+    fold->groups = groups;
+    fold->norm = &self->norm;
+    fold->post = post != Py_None ? &self->post : NULL;
+    if (hold(state, self, REF_WEIGHT, weight, FUSION_PART_LAYER,
+             FUSION_FIELD_WEIGHT, 0, &fold->weight) < 0 ||
+        hold(state, self, REF_BIAS_IN, bias_in, FUSION_PART_LAYER,
+             FUSION_FIELD_BIAS, 1, &fold->bias_in) < 0 ||
+        hold(state, self, REF_BIAS_OUT, bias_out, FUSION_PART_LAYER,
+             FUSION_FIELD_BIAS, 0, &fold->bias_out) < 0 ||
+        hold_norm(state, self, norm, FUSION_PART_NORM, REF_MEAN, &self->norm) <
+            0 ||
+        (post != Py_None && hold_norm(state, self, post, FUSION_PART_POST,
+                                      REF_POST_MEAN, &self->post) < 0) ||
+        fold_compute(state, self) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -579,8 +599,8 @@ module_exec(PyObject *module)
     module_state *state = get_state(module);
     state->fold_error = PyErr_NewExceptionWithDoc(
         "fusion._C.FoldError",
-        "A fold failed its checks in the C core. Attributes: code, what, "
-        "index, value.",
+        "A fold failed its checks in the C core. Attributes: code, part, "
+        "field, index, value.",
         PyExc_ValueError, NULL);
     if (state->fold_error == NULL) {
         return -1;

@@ -1,26 +1,22 @@
 """The public entry points: fuse, analyze, fuse_conv_and_bn, apply_plan."""
+import contextlib
 import copy
 import json
 import logging
 import sys
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from . import rewrite
-from .discover import (
-    MODEL_LOCK,
-    alias_names,
-    flow_from_fx,
-    flow_from_run,
-    flow_from_sequentials,
-)
+from .discover import MODEL_LOCK, Flow, flow_from_fx, flow_from_run, flow_from_sequentials
 from .errors import FusionError
-from .layers import layer_kind, norm_adapter
-from .plan import Fold, check_pair, make_plan
+from .layers import is_known_norm, layer_kind, out_channels, replace_module
+from .plan import Fold, Plan, check_pair, make_plan
 from .report import FusedPair, FusionReport, LeftNorm
-from .verify import run_model, verify_fused
+from .verify import Verification, run_model, verify_fused
 
 __all__ = ["fuse", "analyze", "fuse_conv_and_bn", "apply_plan"]
 
@@ -111,27 +107,76 @@ def _as_args(example_inputs):
     return (example_inputs,)
 
 
-def _training_flags(model) -> Dict[nn.Module, bool]:
-    return {m: m.training for m in model.modules()}
+def _check_options(example_inputs, verify, rtol):
+    """The forward's positional arguments (or None), and whether to verify."""
+    args = _as_args(example_inputs)
+    if verify is None:
+        verify = args is not None
+    if verify and args is None:
+        raise FusionError("verify=True needs example_inputs to run the model on.",
+                          None, "verify")
+    if rtol is not None and not (float(rtol) > 0):
+        raise FusionError(f"rtol must be a positive number, got {rtol!r}.", None, "rtol")
+    return args, verify
 
 
-def _restore_training(flags):
-    for m, t in flags.items():
-        m.training = t
-
-
-def _discover(target, args):
-    """The flows that prove folds, and the model's output on ``args`` if given."""
-    flows, output, fx_error = [], None, None
+def _copy(model):
     try:
-        flows.append(flow_from_fx(target))
+        return copy.deepcopy(model)
+    except Exception as exc:
+        _raise_if_sparse(model, exc)
+        raise FusionError(
+            f"the model cannot be copied ({type(exc).__name__}: {exc}); pass "
+            f"inplace=True to fuse it in place.", None, "copy") from exc
+
+
+@contextlib.contextmanager
+def _training_restored_on_error(model, restore: bool):
+    """Puts every module's training flag back if the block raises (``restore``),
+    so that a model fused in place is left as it was."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        yield any(flags.values())
+    except BaseException:
+        if restore:
+            for m, t in flags.items():
+                m.training = t
+        raise
+
+
+# --- The stages ---------------------------------------------------------------------
+
+
+@dataclass
+class Evidence:
+    """What discovery found: the flows that prove folds, the model's output on
+    the example inputs (if given), and why torch.fx could not trace it (if not)."""
+
+    flows: List[Flow]
+    output: Any = None
+    fx_error: Optional[str] = None
+
+    def notes(self, recorded: bool) -> List[str]:
+        if self.fx_error and recorded:
+            return [f"torch.fx could not trace the model ({self.fx_error}); the "
+                    f"recorded run on example_inputs is the evidence"]
+        return []
+
+
+def _fx_error(exc) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first.split('. ')[0][:120]}"
+
+
+def _discover(target, args) -> Evidence:
+    evidence = Evidence([])
+    try:
+        evidence.flows.append(flow_from_fx(target))
     except Exception as exc:  # any model that fx cannot trace
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        first = first.split(". ")[0]
-        fx_error = f"{type(exc).__name__}: {first[:120]}"
+        evidence.fx_error = _fx_error(exc)
     if args is not None:
         try:
-            flow, output = run_model(target, args, flow_from_run)
+            flow, evidence.output = run_model(target, args, flow_from_run)
         except FusionError:
             raise
         except Exception as exc:
@@ -139,12 +184,48 @@ def _discover(target, args):
                 f"the forward on example_inputs raised {type(exc).__name__}: {exc}. "
                 f"Pass inputs the model accepts (a tuple is taken as positional "
                 f"arguments).", None, "example_inputs") from exc
-        flows.append(flow)
-    if not flows:
+        evidence.flows.append(flow)
+    if not evidence.flows:
         flow = flow_from_sequentials(target)
-        flow.note = fx_error
-        flows.append(flow)
-    return flows, output, fx_error
+        flow.note = evidence.fx_error
+        evidence.flows.append(flow)
+    return evidence
+
+
+def _check_strict(strict, plan: Plan, preparation: rewrite.Preparation):
+    left = plan.left + preparation.overflow
+    if strict and left:
+        listing = "; ".join(f"{n.norm} ({n.reason})" for n in left)
+        raise FusionError(
+            f"strict=True and {len(left)} norm(s) would be left unfused: {listing}. "
+            f"Pass example_inputs, or strict=False to accept.", left[0].norm, "strict")
+
+
+def _originals(model, preparation, backup) -> Dict[str, Tuple]:
+    """Each folded layer's (weight, bias) before the fold: copies made before
+    writing in place, else the untouched original model's."""
+    if backup is not None:
+        return {s.name: (s.weight_copy, s.bias_copy) for s in backup.layers}
+    out = {}
+    for p in preparation.folds:
+        layer = model.get_submodule(p.fold.layer)
+        out[p.fold.layer] = (layer.weight, layer.bias)
+    return out
+
+
+def _verify(target, args, evidence, preparation, rtol, originals, backup) -> Verification:
+    """Both checks of fusion.verify; on failure, undoes an in-place write."""
+    try:
+        with MODEL_LOCK:  # it runs the models; see discover.MODEL_LOCK
+            return verify_fused(target, args, evidence.output, preparation.folds, rtol,
+                                originals)
+    except FusionError:
+        if backup is not None:
+            backup.restore(target)
+        raise
+
+
+# --- The report, built once from the stages' objects --------------------------------
 
 
 def _plan_dict(folds: List[Fold], replaced: List[str]) -> Dict:
@@ -156,23 +237,20 @@ def _plan_dict(folds: List[Fold], replaced: List[str]) -> Dict:
     }
 
 
-def _build_report(model, plan, prepared, left_overflow, dry_run) -> FusionReport:
-    report = FusionReport(dry_run=dry_run, evidence=list(plan.evidence),
-                          notes=list(plan.notes))
-    folds = [p.fold for p in prepared]
-    for fold in folds:
+def _account(report: FusionReport, model, prepared: List[rewrite.Prepared]):
+    """The pairs fused, the parameters added to their layers, and what the
+    norms that go held."""
+    seen = set()
+    for p in prepared:
+        fold = p.fold
         for norm, direction in ((fold.before, "before"), (fold.after, "after")):
             if norm is not None:
                 report.fused.append(FusedPair(norm, fold.layer, direction, fold.evidence,
                                               fold.bias_added, fold.untie))
-        layer = model.get_submodule(fold.layer)
         if fold.bias_added:
-            report.added_parameters[f"{fold.layer}.bias"] = layer.out_channels \
-                if hasattr(layer, "out_channels") else layer.out_features
+            report.added_parameters[f"{fold.layer}.bias"] = out_channels(p.layer)
         if fold.untie:
-            report.added_parameters[f"{fold.layer}.weight"] = layer.weight.numel()
-    seen = set()
-    for p in prepared:
+            report.added_parameters[f"{fold.layer}.weight"] = p.layer.weight.numel()
         for name, norm in p.norms.items():
             if id(norm) in seen:
                 continue
@@ -182,27 +260,39 @@ def _build_report(model, plan, prepared, left_overflow, dry_run) -> FusionReport
             for n, t in norm.named_buffers(recurse=False):
                 if t is not None:
                     report.removed_buffers[f"{name}.{n}"] = t.numel()
-    report.left = [LeftNorm(x.norm, x.reason, x.detail) for x in plan.left + left_overflow]
-    aliases = alias_names(model)
-    replaced = []
-    for p in prepared:
-        for norm in p.norms.values():
-            for n in aliases.get(id(norm), ()):
-                if n not in replaced:
-                    replaced.append(n)
-    report.plan = _plan_dict(folds, replaced)
+
+
+def _report(model, stages: "_Stages") -> FusionReport:
+    plan, preparation, verification = stages.plan, stages.preparation, stages.verification
+    report = FusionReport(dry_run=stages.dry_run, evidence=list(plan.evidence),
+                          notes=list(plan.notes) + stages.notes)
+    _account(report, model, preparation.folds)
+    report.left = [LeftNorm(x.norm, x.reason, x.detail)
+                   for x in plan.left + preparation.overflow]
+    report.plan = _plan_dict([p.fold for p in preparation.folds],
+                             [r.name for r in stages.replaced])
+    if verification is not None:
+        report.rel_err = verification.rel_err
+        report.max_abs_err = verification.max_abs_err
+        report.tolerance = verification.tolerance
+    if report.nothing_to_do:
+        report.notes.append("nothing to do: the model has no norm modules left to fuse")
     return report
 
 
-def _run_pipeline(target, args, dry_run):
-    flows, output, fx_error = _discover(target, args)
-    plan = make_plan(target, flows)
-    if fx_error and args is not None:
-        plan.notes.append(f"torch.fx could not trace the model ({fx_error}); the "
-                          f"recorded run on example_inputs is the evidence")
-    prepared, left_overflow = rewrite.prepare(target, plan.folds)
-    report = _build_report(target, plan, prepared, left_overflow, dry_run)
-    return prepared, report, output
+@dataclass
+class _Stages:
+    """The stages' results, from which the report is built."""
+
+    plan: Plan
+    preparation: rewrite.Preparation
+    replaced: List[rewrite.Replaced]
+    notes: List[str] = field(default_factory=list)
+    verification: Optional[Verification] = None
+    dry_run: bool = False
+
+
+# --- The entry points -----------------------------------------------------------------
 
 
 def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
@@ -238,64 +328,27 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
             ``strict`` found norms left. The model is left as it was.
     """
     _check_model(model)
-    args = _as_args(example_inputs)
-    if verify is None:
-        verify = args is not None
-    if verify and args is None:
-        raise FusionError("verify=True needs example_inputs to run the model on.",
-                          None, "verify")
-    if rtol is not None and not (float(rtol) > 0):
-        raise FusionError(f"rtol must be a positive number, got {rtol!r}.", None, "rtol")
-    was_training = any(m.training for m in model.modules())
-    flags = _training_flags(model)
-    if inplace:
-        target = model
-    else:
-        try:
-            target = copy.deepcopy(model)
-        except Exception as exc:
-            _raise_if_sparse(model, exc)
-            raise FusionError(
-                f"the model cannot be copied ({type(exc).__name__}: {exc}); pass "
-                f"inplace=True to fuse it in place.", None, "copy") from exc
-    target.eval()
-    try:
-        prepared, report, reference = _run_pipeline(target, args, dry_run=False)
-        if strict and report.left:
-            listing = "; ".join(f"{n.norm} ({n.reason})" for n in report.left)
-            raise FusionError(
-                f"strict=True and {len(report.left)} norm(s) would be left unfused: "
-                f"{listing}. Pass example_inputs, or strict=False to accept.",
-                report.left[0].norm, "strict")
-        saved = rewrite.backup(prepared) if verify and inplace else None
-        rewrite.ensure_unchanged(prepared)
-        replaced = rewrite.write(target, prepared)
-    except BaseException:
-        if inplace:
-            _restore_training(flags)
-        raise
+    args, verify = _check_options(example_inputs, verify, rtol)
+    target = model if inplace else _copy(model)
+    with _training_restored_on_error(model, restore=inplace) as was_training:
+        target.eval()
+        evidence = _discover(target, args)
+        plan = make_plan(target, evidence.flows)
+        preparation = rewrite.prepare(target, plan.folds)
+        _check_strict(strict, plan, preparation)
+        backup = rewrite.Backup.of(preparation.folds) if verify and inplace else None
+        originals = _originals(model, preparation, backup) if verify else None
+        rewrite.ensure_unchanged(preparation.folds)
+        replaced = rewrite.write(target, preparation.folds)
+        if backup is not None:
+            backup.replaced = replaced
+        verification = _verify(target, args, evidence, preparation, rtol, originals,
+                               backup) if verify else None
+    notes = evidence.notes(args is not None)
     if was_training:
-        report.notes.append("the model was in training mode; it was fused with "
-                            "eval-mode semantics (running statistics) and the result "
-                            "is in eval mode")
-    if verify:
-        if inplace:
-            originals = {layer_name: (w, b) for (layer_name, (_, _, w, _, b)) in
-                         zip((p.fold.layer for p in prepared), saved)}
-        else:
-            originals = {p.fold.layer: (model.get_submodule(p.fold.layer).weight,
-                                        model.get_submodule(p.fold.layer).bias)
-                         for p in prepared}
-        try:
-            with MODEL_LOCK:  # it runs the models; see discover.MODEL_LOCK
-                verify_fused(target, args, reference, prepared, report, rtol, originals)
-        except FusionError:
-            if inplace:
-                rewrite.undo(target, saved, replaced)
-                _restore_training(flags)
-            raise
-    if not report.fused and not report.left:
-        report.notes.append("nothing to do: the model has no norm modules left to fuse")
+        notes.append("the model was in training mode; it was fused with eval-mode "
+                     "semantics (running statistics) and the result is in eval mode")
+    report = _report(target, _Stages(plan, preparation, replaced, notes, verification))
     log.info("BatchNorm fusion completed. %d parameters were reduced after fusion.",
              report.parameters_reduced)
     return (target, report) if return_report else target
@@ -313,15 +366,18 @@ def analyze(model, *, example_inputs=None):
     """
     _check_model(model)
     args = _as_args(example_inputs)
-    flags = _training_flags(model)
+    flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        _, report, _ = _run_pipeline(model, args, dry_run=True)
+        evidence = _discover(model, args)
+        plan = make_plan(model, evidence.flows)
+        preparation = rewrite.prepare(model, plan.folds)
     finally:
-        _restore_training(flags)
-    if not report.fused and not report.left:
-        report.notes.append("nothing to do: the model has no norm modules left to fuse")
-    return report
+        for m, t in flags.items():
+            m.training = t
+    replaced = rewrite.replacements(model, preparation.folds)
+    return _report(model, _Stages(plan, preparation, replaced,
+                                  evidence.notes(args is not None), dry_run=True))
 
 
 def fuse_conv_and_bn(conv, bn):
@@ -343,7 +399,7 @@ def fuse_conv_and_bn(conv, bn):
     if layer_kind(conv) is None:
         raise TypeError(f"conv must be a Conv, ConvTranspose or Linear module, got "
                         f"{type(conv).__name__}")
-    if norm_adapter(bn) is None:
+    if not is_known_norm(bn):
         raise TypeError(f"bn must be a BatchNorm-like norm, got {type(bn).__name__} "
                         f"(register its class with fusion.register_norm)")
     if getattr(bn, "running_mean", None) is None:
@@ -355,12 +411,12 @@ def fuse_conv_and_bn(conv, bn):
     holder.add_module("bn", bn)
     check_pair("conv", holder.conv, "bn", bn, "after")  # the pair is taken on trust
     fold = Fold("conv", after="bn", evidence="caller", bias_added=conv.bias is None)
-    prepared, left = rewrite.prepare(holder, [fold])
-    if left:
-        raise FusionError(f"conv: {left[0].detail}", "conv", "overflow")
-    for p in prepared:
+    preparation = rewrite.prepare(holder, [fold])
+    if preparation.overflow:
+        raise FusionError(f"conv: {preparation.overflow[0].detail}", "conv", "overflow")
+    for p in preparation.folds:
         p.norms.clear()  # the caller's bn stays where it is
-    rewrite.write(holder, prepared)
+    rewrite.write(holder, preparation.folds)
     fused = holder.conv
     fused.train(conv.training)
     return fused
@@ -417,14 +473,12 @@ def apply_plan(model, plan):
                                               layer.bias.requires_grad)
             if layer.bias is None:
                 w = layer.weight
-                n = layer.out_channels if hasattr(layer, "out_channels") else \
-                    layer.out_features
-                layer.bias = nn.Parameter(torch.zeros(n, dtype=w.dtype, device=w.device),
+                layer.bias = nn.Parameter(torch.zeros(out_channels(layer), dtype=w.dtype,
+                                                      device=w.device),
                                           w.requires_grad)
     identities = {}
     for name in plan["replaced"]:
         norm = modules[name]
         ident = identities.setdefault(id(norm), nn.Identity())
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, ident)
+        replace_module(model, name, ident)
     return model.eval()

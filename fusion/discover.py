@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FusionError
-from .layers import is_norm_module
+from .layers import alias_names, canonical_names, is_layer, is_norm_module, tensors
 
 __all__ = []
 
@@ -38,16 +38,9 @@ OTHER = "other"  # a use of a tensor by anything but the next layer or norm
 MODEL_LOCK = threading.RLock()
 
 
-def _is_layer_like(module) -> bool:
-    return isinstance(
-        module,
-        (nn.Linear, nn.modules.conv._ConvNd),
-    )
-
-
 def is_interesting(module) -> bool:
     """Modules whose calls a flow tracks: norms, and layers a norm might fold into."""
-    return is_norm_module(module) or _is_layer_like(module)
+    return is_norm_module(module) or is_layer(module)
 
 
 @dataclass(eq=False)
@@ -76,19 +69,6 @@ class Flow:
 
     def count(self, name: str) -> int:
         return len(self.calls.get(name, ()))
-
-
-def canonical_names(model) -> Dict[int, str]:
-    """id(module) -> the first qualified name under which it is reachable."""
-    return {id(m): name for name, m in model.named_modules()}
-
-
-def alias_names(model) -> Dict[int, List[str]]:
-    """id(module) -> every qualified name under which it is reachable."""
-    out: Dict[int, List[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        out.setdefault(id(m), []).append(name)
-    return out
 
 
 # --- torch.fx ------------------------------------------------------------------
@@ -141,23 +121,6 @@ def flow_from_fx(model) -> Flow:
 # --- A recorded run ----------------------------------------------------------
 
 
-def _tensors(obj, depth=0):
-    """Every tensor inside nested containers and plain objects."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth > 6 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
-        return
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v, depth + 1)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for v in obj:
-            yield from _tensors(v, depth + 1)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
-        for v in vars(obj).values():
-            yield from _tensors(v, depth + 1)
-
-
 class _Recorder:
     def __init__(self, model):
         self.names = canonical_names(model)
@@ -207,7 +170,7 @@ class _Recorder:
         top = self.stack[-1] if self.stack else None
         if func in _VALUE_READS:
             self.value_reads += 1
-        for t in _tensors((args, kwargs)):
+        for t in tensors((args, kwargs)):
             call = self._found(t)
             if call is not None:
                 if top is None or not any(u is top for u in call.users):
@@ -217,7 +180,7 @@ class _Recorder:
                 self.flow.escaped.update(owners)
 
     def finish(self, output):
-        for t in _tensors(output):
+        for t in tensors(output):
             call = self._found(t)
             if call is not None:
                 call.users.append(OTHER)

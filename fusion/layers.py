@@ -6,7 +6,7 @@ norm with extra terms), so it is never folded just because it has the same
 parameters. User norm classes are added with :func:`register_norm`.
 """
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
@@ -90,6 +90,16 @@ def _builtin_adapter(module) -> Optional[NormAdapter]:
     return None
 
 
+def is_known_norm(module) -> bool:
+    """A norm fusion can fold: built in, or registered, with its class's forward."""
+    return norm_adapter(module) is not None
+
+
+def norm_params(module) -> NormParams:
+    """The eval-mode affine map of a known norm (see :func:`norm_adapter`)."""
+    return norm_adapter(module)(module)
+
+
 def norm_adapter(module) -> Optional[NormAdapter]:
     """The adapter for a known norm, or ``None``."""
     for klass in type(module).__mro__:
@@ -118,6 +128,13 @@ def uses_batch_statistics(module) -> bool:
 
 
 # --- Layers that a norm folds into -------------------------------------------
+
+
+def is_layer(module) -> bool:
+    """A module of a class a norm could fold into, known forward or not: the
+    modules a data flow tracks (see :func:`layer_kind` for which ones fold)."""
+    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -149,6 +166,60 @@ def in_channels(module) -> int:
     if isinstance(module, nn.Linear):
         return module.in_features
     return module.in_channels
+
+
+# --- Names and tensors ---------------------------------------------------------
+
+
+def canonical_names(model) -> Dict[int, str]:
+    """id(module) -> the first qualified name under which it is reachable."""
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def alias_names(model) -> Dict[int, List[str]]:
+    """id(module) -> every qualified name under which it is reachable."""
+    out: Dict[int, List[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        out.setdefault(id(m), []).append(name)
+    return out
+
+
+def replace_module(model, name: str, new: nn.Module):
+    """Puts ``new`` at the qualified name ``name`` (from ``named_modules()``)."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, new)
+
+
+def tensors(obj, depth=0) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested containers (dicts, lists, tuples, sets) and
+    plain objects' attributes, in order, to a depth of 6."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth > 6 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from tensors(v, depth + 1)
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for v in obj:
+            yield from tensors(v, depth + 1)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (nn.Module, type)):
+        for v in vars(obj).values():
+            yield from tensors(v, depth + 1)
+
+
+def map_tensors(fn, obj):
+    """``obj`` with every tensor ``t`` inside tuples, lists and dicts replaced by
+    ``fn(t)`` (the structures a forward takes and returns)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(fn, x) for x in obj)
+    if isinstance(obj, list):
+        return [map_tensors(fn, x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: map_tensors(fn, v) for k, v in obj.items()}
+    return obj
 
 
 def has_hooks(module) -> Optional[str]:

@@ -5,19 +5,22 @@ or :class:`Left` with a reason code from :data:`REASONS`. Nothing here writes
 to the model.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .discover import OTHER, Flow, canonical_names
+from .discover import OTHER, Call, Flow
 from .errors import FusionError
 from .layers import (
+    canonical_names,
     has_hooks,
     in_channels,
+    is_layer,
     is_norm_module,
     layer_kind,
     norm_adapter,
+    norm_params,
     out_channels,
     uses_batch_statistics,
 )
@@ -73,6 +76,34 @@ class Left:
     detail: str
 
 
+@dataclass(frozen=True)
+class Reason:
+    """Why a norm is left: a code from :data:`REASONS` and the specifics."""
+
+    code: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What one flow proves about one norm: it folds ``"after"`` each of
+    ``layers``, or ``"before"`` the one layer in ``layers``, or it is left, and
+    ``reason`` says why."""
+
+    direction: Optional[str] = None
+    layers: Tuple[str, ...] = ()
+    reason: Optional[Reason] = None
+
+    def __str__(self):
+        if self.reason is not None:
+            return f"left ({self.reason.code})"
+        return f"folds {self.direction} {', '.join(self.layers)}"
+
+
+def _left(code, detail) -> Decision:
+    return Decision(reason=Reason(code, detail))
+
+
 @dataclass
 class Plan:
     folds: List[Fold] = field(default_factory=list)
@@ -81,76 +112,88 @@ class Plan:
     notes: List[str] = field(default_factory=list)
 
 
-# --- Per-flow decisions ------------------------------------------------------
+# --- What one flow proves --------------------------------------------------------
 
 
-def _decide(flow: Flow, norm: str, modules) -> Tuple:
-    """``("after", [layers])``, ``("before", layer)`` or ``("left", reason, detail)``."""
+def _uncalled(flow: Flow, norm: str) -> Decision:
+    if flow.source == "sequential":
+        if norm in flow.placed:
+            return _left("not_after_producer", "inside an nn.Sequential, the module "
+                         "before it is not a conv or linear layer")
+        return _left("needs_example_inputs",
+                     f"torch.fx could not trace the model ({flow.note}), and it is not "
+                     f"inside a plain nn.Sequential; pass example_inputs to record the "
+                     f"data flow")
+    where = "the recorded run on example_inputs" if flow.source == "recorded" else \
+        "the traced forward"
+    return _left("not_called", f"{where} never calls it")
+
+
+def _producer_reason(flow: Flow, call: Call, modules) -> Optional[Reason]:
+    """Rules 1-3 for one call of a norm after a layer: its input is the sole
+    output of one call of a plain layer that runs once."""
+    src = call.src
+    if src is None:
+        return Reason("not_after_producer",
+                      "its input is not the direct output of a conv or linear layer")
+    layer = modules[src.name]
+    if layer_kind(layer) is None:
+        return Reason("unsupported_layer" if is_layer(layer) else "not_after_producer",
+                      f"its input comes from {src.name} ({type(layer).__name__})")
+    if flow.count(src.name) > 1:
+        return Reason("called_twice",
+                      f"its layer {src.name} is called {flow.count(src.name)} times")
+    if any(u is not call for u in src.users):
+        return Reason("producer_output_reused",
+                      f"the output of {src.name} is also used elsewhere")
+    return None
+
+
+def _after(flow: Flow, calls: List[Call], modules) -> Decision:
+    """The norm folds after the layer of each of its calls, or why not."""
+    for call in calls:
+        reason = _producer_reason(flow, call, modules)
+        if reason is not None:
+            return Decision(reason=reason)
+    layers = tuple(c.src.name for c in calls)
+    if len(set(layers)) != len(layers):
+        return _left("called_twice", f"it follows {layers[0]} more than once")
+    return Decision("after", layers)
+
+
+def _before(flow: Flow, calls: List[Call], modules) -> Optional[Decision]:
+    """The norm folds into the one layer call it directly and alone feeds; None
+    when it feeds no such call."""
+    if len(calls) != 1 or len(calls[0].users) != 1 or calls[0].users[0] is OTHER:
+        return None
+    user = calls[0].users[0]
+    if user.src is not calls[0] or not is_layer(modules[user.name]):
+        return None
+    layer = modules[user.name]
+    if layer_kind(layer) not in ("conv", "linear"):
+        return _left("unsupported_layer", f"it feeds {user.name} "
+                     f"({type(layer).__name__}), which a preceding norm does not fold into")
+    if flow.count(user.name) > 1:
+        return _left("called_twice", f"the layer it feeds, {user.name}, is called "
+                     f"{flow.count(user.name)} times")
+    return Decision("before", (user.name,))
+
+
+def decide(flow: Flow, norm: str, modules) -> Decision:
+    """What ``flow`` proves about ``norm``: after its layers, before one, or left."""
     calls = flow.calls.get(norm, [])
     if not calls:
-        if flow.source == "sequential":
-            if norm in flow.placed:
-                return ("left", "not_after_producer",
-                        "inside an nn.Sequential, the module before it is not a "
-                        "conv or linear layer")
-            return ("left", "needs_example_inputs",
-                    f"torch.fx could not trace the model ({flow.note}), and it is not "
-                    f"inside a plain nn.Sequential; pass example_inputs to record "
-                    f"the data flow")
-        where = "the recorded run on example_inputs" if flow.source == "recorded" else \
-            "the traced forward"
-        return ("left", "not_called", f"{where} never calls it")
-
-    after_reason = None
-    layers = []
-    for call in calls:
-        src = call.src
-        if src is None:
-            after_reason = ("not_after_producer",
-                            "its input is not the direct output of a conv or linear layer")
-            break
-        if layer_kind(modules[src.name]) is None:
-            after_reason = ("unsupported_layer" if isinstance(
-                modules[src.name], (nn.Linear, nn.modules.conv._ConvNd)) else
-                "not_after_producer",
-                f"its input comes from {src.name} ({type(modules[src.name]).__name__})")
-            break
-        if flow.count(src.name) > 1:
-            after_reason = ("called_twice",
-                            f"its layer {src.name} is called {flow.count(src.name)} times")
-            break
-        if any(u is not call for u in src.users):
-            after_reason = ("producer_output_reused",
-                            f"the output of {src.name} is also used elsewhere")
-            break
-        layers.append(src.name)
-    if after_reason is None:
-        if len(set(layers)) != len(layers):
-            after_reason = ("called_twice", f"it follows {layers[0]} more than once")
-        else:
-            return ("after", layers)
-
-    # A norm that directly feeds exactly one layer call may fold forward into it.
-    if len(calls) == 1 and len(calls[0].users) == 1 and calls[0].users[0] is not OTHER:
-        user = calls[0].users[0]
-        if user.src is calls[0] and is_layer(modules[user.name]):
-            if layer_kind(modules[user.name]) not in ("conv", "linear"):
-                return ("left", "unsupported_layer",
-                        f"it feeds {user.name} ({type(modules[user.name]).__name__}), "
-                        f"which a preceding norm does not fold into")
-            if flow.count(user.name) > 1:
-                return ("left", "called_twice",
-                        f"the layer it feeds, {user.name}, is called "
-                        f"{flow.count(user.name)} times")
-            return ("before", user.name)
-    if len(calls) > 1 and after_reason[0] != "called_twice":
-        return ("left", "called_twice",
-                f"it is called {len(calls)} times, not each after its own layer")
-    return ("left",) + after_reason
-
-
-def is_layer(module) -> bool:
-    return isinstance(module, (nn.Linear, nn.modules.conv._ConvNd))
+        return _uncalled(flow, norm)
+    after = _after(flow, calls, modules)
+    if after.reason is None:
+        return after
+    before = _before(flow, calls, modules)
+    if before is not None:
+        return before
+    if len(calls) > 1 and after.reason.code != "called_twice":
+        return _left("called_twice",
+                     f"it is called {len(calls)} times, not each after its own layer")
+    return after
 
 
 # --- Checks on modules and tensors -------------------------------------------
@@ -190,7 +233,7 @@ def check_tensor(layer: str, what: str, t: Optional[torch.Tensor]):
 
 
 def _check_norm_tensors(name, module):
-    p = norm_adapter(module)(module)
+    p = norm_params(module)
     c = p.running_mean.numel() if p.running_mean is not None else 0
     for what, t in (("running_mean", p.running_mean), ("running_var", p.running_var),
                     ("weight", p.weight), ("bias", p.bias)):
@@ -267,124 +310,193 @@ def _before_exact(layer, params) -> Optional[str]:
             f"fold")
 
 
+# --- The evidence rules, in the README's order -------------------------------------
+# Each takes what it needs and returns a Reason to leave the norm, or None.
+
+
+@dataclass
+class _Context:
+    """What every rule may consult: the model's modules by canonical name, the
+    flows, and facts derived from them once."""
+
+    modules: Dict[str, nn.Module]
+    flows: List[Flow]
+    recorded: Optional[Flow]
+    escaped: set
+    branchy: bool
+    shared: Dict[int, int]
+
+
+def _rule_known_norm(name, norm, ctx) -> Optional[Reason]:
+    if norm_adapter(norm) is None:
+        return Reason("unknown_norm", f"{type(norm).__name__} is not a known norm; "
+                      f"register it with fusion.register_norm if its eval forward is a "
+                      f"per-channel affine map")
+    return None
+
+
+def _rule_running_stats(name, norm, ctx) -> Optional[Reason]:
+    if uses_batch_statistics(norm):
+        return Reason("batch_statistics",
+                      "it has no running statistics (track_running_stats=False)")
+    return None
+
+
+def _rule_no_hooks(name, norm, ctx) -> Optional[Reason]:
+    hook = has_hooks(norm)
+    return Reason("has_hooks", f"it has a {hook}") if hook else None
+
+
+def _rule_params_own(name, norm, ctx) -> Optional[Reason]:
+    if name in ctx.escaped:
+        return Reason("params_used_elsewhere",
+                      "the forward reads its parameters or buffers outside its own call")
+    return None
+
+
+def _rule_evidence(name, norm, ctx) -> Optional[Reason]:
+    return None if ctx.flows else Reason("needs_example_inputs",
+                                         "no evidence of the data flow")
+
+
+NORM_RULES = [_rule_known_norm, _rule_running_stats, _rule_no_hooks, _rule_params_own,
+              _rule_evidence]
+
+
+def _agreed(name, ctx) -> Decision:
+    """The one decision every flow agrees on (rules 1-3), or why there is none."""
+    decisions = [decide(f, name, ctx.modules) for f in ctx.flows]
+    left = next((d for d in decisions if d.reason is not None), None)
+    if left is not None:
+        return left
+    if any(d != decisions[0] for d in decisions[1:]):
+        shown = "; ".join(f"{f.source}: {d}" for f, d in zip(ctx.flows, decisions))
+        return _left("evidence_disagrees", f"torch.fx and the recorded run disagree "
+                     f"({shown})")
+    if ctx.branchy:
+        uncalled = ctx.recorded.uncalled
+        shown = ", ".join(uncalled[:3]) + (" ..." if len(uncalled) > 3 else "")
+        return _left("value_dependent_flow",
+                     f"the forward branches on tensor values and the recorded run never "
+                     f"called {shown}; make the model traceable by torch.fx, or fold "
+                     f"known pairs with fuse_conv_and_bn")
+    return decisions[0]
+
+
+def _rule_layer_hooks(name, layer_name, decision, ctx) -> Optional[Reason]:
+    hook = has_hooks(ctx.modules[layer_name])
+    return Reason("has_hooks", f"its layer {layer_name} has a {hook}") if hook else None
+
+
+def _rule_layer_params_own(name, layer_name, decision, ctx) -> Optional[Reason]:
+    if layer_name in ctx.escaped:
+        return Reason("params_used_elsewhere", f"the forward reads the parameters of "
+                      f"{layer_name} outside its own call")
+    return None
+
+
+def _rule_linear_rank(name, layer_name, decision, ctx) -> Optional[Reason]:
+    """BatchNorm normalises dim 1, Linear acts on the last dim: the same dim only
+    for 2-D input, which only a recorded run shows."""
+    if not isinstance(ctx.modules[layer_name], nn.Linear):
+        return None
+    if ctx.recorded is None:
+        return Reason("needs_example_inputs", f"Linear {layer_name} with BatchNorm folds "
+                      f"only when a recorded run shows 2-D input; pass example_inputs")
+    dims = sorted({c.in_ndim for c in ctx.recorded.calls.get(name, [])})
+    if any(d != 2 for d in dims):
+        code = "not_after_producer" if decision.direction == "after" else \
+            "unsupported_layer"
+        return Reason(code, f"its input is {dims[0]}-D, so its channel dim is not the "
+                      f"dim {layer_name} works on")
+    return None
+
+
+PAIR_RULES = [_rule_layer_hooks, _rule_layer_params_own, _rule_linear_rank]
+
+
+def _rule_one_norm_before(name, decision, by_layer) -> Optional[Reason]:
+    existing = by_layer.get(decision.layers[0])
+    if decision.direction == "before" and existing is not None and \
+            existing.before is not None:
+        return Reason("called_twice", f"{decision.layers[0]} already folds another norm")
+    return None
+
+
+def _rule_exact_before(name, norm, decision, ctx) -> Optional[Reason]:
+    """Checks the pairs' tensors (raising for a broken model), then that a norm
+    folded into a layer's input is exact there."""
+    for layer_name in decision.layers:
+        check_pair(layer_name, ctx.modules[layer_name], name, norm, decision.direction)
+    if decision.direction != "before":
+        return None
+    why = _before_exact(ctx.modules[decision.layers[0]], norm_params(norm))
+    return Reason("zero_padding", why) if why else None
+
+
 # --- The plan ----------------------------------------------------------------
+
+
+def _context(model, flows: List[Flow]) -> _Context:
+    names = canonical_names(model)
+    recorded = next((f for f in flows if f.source == "recorded"), None)
+    fx_proven = any(f.source == "fx" for f in flows)
+    branchy = recorded is not None and not fx_proven and recorded.value_reads > 0 \
+        and bool(recorded.uncalled)
+    return _Context({names[id(m)]: m for m in model.modules()}, flows, recorded,
+                    set().union(*(f.escaped for f in flows)) if flows else set(),
+                    branchy, _shares_storage(model))
+
+
+def _reason(name, norm, ctx, by_layer) -> Union[Reason, Decision]:
+    """Applies every rule to one norm: the first Reason to leave it, or the
+    Decision to fold it."""
+    for rule in NORM_RULES:
+        reason = rule(name, norm, ctx)
+        if reason is not None:
+            return reason
+    decision = _agreed(name, ctx)
+    if decision.reason is not None:
+        return decision.reason
+    for layer_name in decision.layers:
+        for rule in PAIR_RULES:
+            reason = rule(name, layer_name, decision, ctx)
+            if reason is not None:
+                return reason
+    return _rule_one_norm_before(name, decision, by_layer) or \
+        _rule_exact_before(name, norm, decision, ctx) or decision
+
+
+def _add_fold(name, decision, ctx, by_layer, evidence):
+    for layer_name in decision.layers:
+        fold = by_layer.get(layer_name)
+        if fold is None:
+            layer = ctx.modules[layer_name]
+            fold = by_layer[layer_name] = Fold(layer_name, evidence=evidence)
+            fold.untie = any(ctx.shared.get(id(t), 1) > 1 or _self_overlapping(t)
+                             for t in (layer.weight, layer.bias) if t is not None)
+            fold.bias_added = layer.bias is None
+        if decision.direction == "after":
+            fold.after = name
+        else:
+            fold.before = name
 
 
 def make_plan(model, flows: List[Flow]) -> Plan:
     """Decides every norm of ``model`` from the given flows (all must agree)."""
-    names = canonical_names(model)
-    modules = {names[id(m)]: m for m in model.modules()}
-    recorded = next((f for f in flows if f.source == "recorded"), None)
-    plan = Plan(evidence=[f.source for f in flows])
-    for f in flows:
-        if f.note and f.source == "recorded":
-            plan.notes.append(f.note)
-    fx_proven = any(f.source == "fx" for f in flows)
-    branchy = recorded is not None and not fx_proven and recorded.value_reads > 0 \
-        and recorded.uncalled
-    shared = _shares_storage(model)
-    escaped = set().union(*(f.escaped for f in flows)) if flows else set()
+    ctx = _context(model, flows)
+    plan = Plan(evidence=[f.source for f in flows],
+                notes=[f.note for f in flows if f.note and f.source == "recorded"])
     by_layer: Dict[str, Fold] = {}
-
-    def leave(norm, reason, detail):
-        plan.left.append(Left(norm, reason, detail))
-
     for name, module in model.named_modules():
         if not is_norm_module(module):
             continue
-        if norm_adapter(module) is None:
-            leave(name, "unknown_norm",
-                  f"{type(module).__name__} is not a known norm; register it with "
-                  f"fusion.register_norm if its eval forward is a per-channel affine map")
-            continue
-        if uses_batch_statistics(module):
-            leave(name, "batch_statistics",
-                  "it has no running statistics (track_running_stats=False)")
-            continue
-        hook = has_hooks(module)
-        if hook:
-            leave(name, "has_hooks", f"it has a {hook}")
-            continue
-        if name in escaped:
-            leave(name, "params_used_elsewhere",
-                  "the forward reads its parameters or buffers outside its own call")
-            continue
-        if not flows:
-            leave(name, "needs_example_inputs", "no evidence of the data flow")
-            continue
-        decisions = [_decide(f, name, modules) for f in flows]
-        left = next((d for d in decisions if d[0] == "left"), None)
-        if left is not None:
-            leave(name, left[1], left[2])
-            continue
-        if any(d != decisions[0] for d in decisions[1:]):
-            leave(name, "evidence_disagrees",
-                  f"torch.fx and the recorded run disagree: {decisions}")
-            continue
-        decision = decisions[0]
-        if branchy:
-            shown = ", ".join(recorded.uncalled[:3])
-            leave(name, "value_dependent_flow",
-                  f"the forward branches on tensor values and the recorded run never "
-                  f"called {shown}{' ...' if len(recorded.uncalled) > 3 else ''}; make the "
-                  f"model traceable by torch.fx, or fold known pairs with fuse_conv_and_bn")
-            continue
-        targets = decision[1] if decision[0] == "after" else [decision[1]]
-        direction = decision[0]
-        reason = None
-        for layer_name in targets:
-            layer = modules[layer_name]
-            hook = has_hooks(layer)
-            if hook:
-                reason = ("has_hooks", f"its layer {layer_name} has a {hook}")
-            elif layer_name in escaped:
-                reason = ("params_used_elsewhere",
-                          f"the forward reads the parameters of {layer_name} outside "
-                          f"its own call")
-            elif isinstance(layer, nn.Linear):
-                # BatchNorm normalises dim 1; Linear acts on the last dim. They are
-                # the same dim only for 2-D input, which only a recorded run shows.
-                if recorded is None:
-                    reason = ("needs_example_inputs",
-                              f"{type(layer).__name__} {layer_name} with BatchNorm folds "
-                              f"only when a recorded run shows 2-D input; pass "
-                              f"example_inputs")
-                elif any(c.in_ndim != 2 for c in recorded.calls.get(name, [])):
-                    dims = sorted({c.in_ndim for c in recorded.calls.get(name, [])})
-                    reason = ("not_after_producer" if direction == "after" else
-                              "unsupported_layer",
-                              f"its input is {dims[0]}-D, so its channel dim is not the "
-                              f"dim {layer_name} works on")
-            if reason is None and direction == "before":
-                existing = by_layer.get(layer_name)
-                if existing is not None and existing.before is not None:
-                    reason = ("called_twice", f"{layer_name} already folds another norm")
-            if reason:
-                break
-        if reason is None:
-            for layer_name in targets:
-                check_pair(layer_name, modules[layer_name], name, module, direction)
-            if direction == "before":
-                why = _before_exact(modules[targets[0]], norm_adapter(module)(module))
-                if why:
-                    reason = ("zero_padding", why)
-        if reason:
-            leave(name, *reason)
-            continue
-        for layer_name in targets:
-            fold = by_layer.get(layer_name)
-            if fold is None:
-                layer = modules[layer_name]
-                fold = by_layer[layer_name] = Fold(layer_name, evidence="+".join(plan.evidence))
-                fold.untie = any(shared.get(id(t), 1) > 1 or _self_overlapping(t)
-                                 for t in (layer.weight, layer.bias) if t is not None)
-                fold.bias_added = layer.bias is None
-            if direction == "after":
-                fold.after = name
-            else:
-                fold.before = name
-    # A layer cannot hold two norms after it; decisions guarantee one. Keep the
-    # order of the model.
-    order = {n: i for i, n in enumerate(modules)}
+        outcome = _reason(name, module, ctx, by_layer)
+        if isinstance(outcome, Reason):
+            plan.left.append(Left(name, outcome.code, outcome.detail))
+        else:
+            _add_fold(name, outcome, ctx, by_layer, "+".join(plan.evidence))
+    # Keep the order of the model.
+    order = {n: i for i, n in enumerate(ctx.modules)}
     plan.folds = sorted(by_layer.values(), key=lambda f: order[f.layer])
     return plan

@@ -17,12 +17,14 @@ Two checks, both on by default when example inputs are given:
    whose own output differs most (per channel, on the inputs it saw) is named.
 """
 import copy
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .errors import FusionError
-from .layers import norm_adapter
+from .layers import map_tensors, norm_params, tensors
 
 __all__ = ["TOLERANCE_FACTOR"]
 
@@ -43,15 +45,7 @@ def _has_half_on_cpu(model) -> bool:
 
 
 def _to_float(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.dtype in _HALF else obj
-    if isinstance(obj, tuple):
-        return tuple(_to_float(x) for x in obj)
-    if isinstance(obj, list):
-        return [_to_float(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _to_float(v) for k, v in obj.items()}
-    return obj
+    return map_tensors(lambda t: t.float() if t.dtype in _HALF else t, obj)
 
 
 def run_model(model, args, fn=None):
@@ -67,25 +61,13 @@ def run_model(model, args, fn=None):
     return fn(model, args)
 
 
-def _flat(obj, out):
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            out.append(obj.detach().double().reshape(-1))
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            _flat(v, out)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _flat(v, out)
-    elif hasattr(obj, "__dict__") and not isinstance(obj, nn.Module):
-        for v in vars(obj).values():
-            _flat(v, out)
-    return out
+def _flat(obj):
+    return [t.detach().double().reshape(-1) for t in tensors(obj) if t.is_floating_point()]
 
 
 def outputs_error(reference, output):
     """``(rel_err, max_abs_err)`` between two outputs of the same structure."""
-    a, b = _flat(reference, []), _flat(output, [])
+    a, b = _flat(reference), _flat(output)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         raise FusionError("the fused model's output has a different structure or shape "
                           "than the original's.", None, "verify")
@@ -103,7 +85,7 @@ def outputs_error(reference, output):
 
 def _exact_fold(weight, bias, norm, direction, groups, transpose, post=None):
     """The fold in float64 with torch: the reference the C core must match."""
-    p = norm_adapter(norm)(norm)
+    p = norm_params(norm)
     mean, var = p.running_mean.double().cpu(), p.running_var.double().cpu()
     gamma = p.weight.double().cpu() if p.weight is not None else torch.ones_like(mean)
     beta = p.bias.double().cpu() if p.bias is not None else torch.zeros_like(mean)
@@ -164,32 +146,56 @@ def _ulps(value, reference) -> int:
 MAX_ULPS = {torch.float64: 4}
 
 
+@dataclass
+class _PairUlps:
+    """How far one fold's values are from the exact fold, and how far they may be."""
+
+    fold: object
+    ulps: int
+    allowed: int
+
+    @property
+    def excess(self) -> float:
+        return self.ulps / self.allowed
+
+
+@dataclass
+class Verification:
+    """What verification measured: the output error against the original, and
+    the tolerance it was held to (every fused value was also within its ULP
+    allowance of the exact fold)."""
+
+    rel_err: float
+    max_abs_err: float
+    tolerance: float
+
+
+def _pair_ulps(p, originals) -> _PairUlps:
+    f = p.fold
+    weight, bias = originals[f.layer]
+    transpose = isinstance(p.layer, nn.modules.conv._ConvTransposeNd)
+    groups = getattr(p.layer, "groups", 1)
+    if f.before is not None:
+        post = p.norms.get(f.after) if f.after is not None else None
+        w, b = _exact_fold(weight, bias, p.norms[f.before], "before", groups, False, post)
+    else:
+        w, b = _exact_fold(weight, bias, p.norms[f.after], "after", groups, transpose)
+    ulps = max(_ulps(p.layer.weight, w), _ulps(p.layer.bias, b))
+    return _PairUlps(f, ulps, MAX_ULPS.get(p.layer.weight.dtype, 1))
+
+
 def check_weights(prepared, originals):
     """Raises FusionError naming a pair whose fused values are more than 1 ULP
     from the exact fold. ``originals`` maps layer name -> (weight, bias) before
     the fold."""
-    worst = (0.0, None, 0, 1)
-    for p in prepared:
-        f = p.fold
-        weight, bias = originals[f.layer]
-        transpose = isinstance(p.layer, nn.modules.conv._ConvTransposeNd)
-        groups = getattr(p.layer, "groups", 1)
-        if f.before is not None:
-            post = p.norms.get(f.after) if f.after is not None else None
-            w, b = _exact_fold(weight, bias, p.norms[f.before], "before", groups, False,
-                               post)
-        else:
-            w, b = _exact_fold(weight, bias, p.norms[f.after], "after", groups, transpose)
-        ulps = max(_ulps(p.layer.weight, w), _ulps(p.layer.bias, b))
-        allowed = MAX_ULPS.get(p.layer.weight.dtype, 1)
-        if ulps / allowed > worst[0]:
-            worst = (ulps / allowed, f, ulps, allowed)
-    if worst[0] > 1:
-        _, f, ulps, allowed = worst
+    pairs = [_pair_ulps(p, originals) for p in prepared]
+    worst = max(pairs, key=lambda x: x.excess, default=None)
+    if worst is not None and worst.excess > 1:
+        f = worst.fold
         raise FusionError(
-            f"{f.layer}: its fused weights are {ulps} ULP from the exact fold of "
-            f"{', '.join(f.norms())} (at most {allowed} allowed). This is a bug in fusion; "
-            f"please report it. The model was left as it was.", f.layer, "verify")
+            f"{f.layer}: its fused weights are {worst.ulps} ULP from the exact fold of "
+            f"{', '.join(f.norms())} (at most {worst.allowed} allowed). This is a bug in "
+            f"fusion; please report it. The model was left as it was.", f.layer, "verify")
 
 
 # --- 2. outputs ----------------------------------------------------------------
@@ -271,8 +277,9 @@ def _locate(fused, args, prepared, originals):
     return worst
 
 
-def verify_fused(fused, args, reference, prepared, report, rtol, originals):
-    """Runs both checks; fills ``report.rel_err``, ``max_abs_err`` and ``tolerance``.
+def verify_fused(fused, args, reference, prepared, rtol: Optional[float],
+                 originals) -> Verification:
+    """Runs both checks and returns what they measured.
 
     ``originals`` maps each folded layer's name to its (weight, bias) before the
     fold. Raises FusionError when a check fails."""
@@ -283,7 +290,6 @@ def verify_fused(fused, args, reference, prepared, report, rtol, originals):
         sigma = _sensitivity(fused, args, prepared, y) if prepared else 0.0
         dtype = _compute_dtype(fused)
         rtol = max(TOLERANCE_FACTOR * sigma, FLOOR.get(dtype, 1e-6))
-    report.rel_err, report.max_abs_err, report.tolerance = rel, max_abs, float(rtol)
     if not rel <= rtol:
         err, fold = _locate(fused, args, prepared, originals)
         name = fold.layer if fold is not None else None
@@ -293,3 +299,4 @@ def verify_fused(fused, args, reference, prepared, report, rtol, originals):
             f"{rtol:.3g}. The pair that diverges most is {pair} (per-channel error "
             f"{err:.3g} on its own inputs). The model was left as it was; fuse without "
             f"verify to accept, or raise rtol.", name, "verify")
+    return Verification(rel, max_abs, float(rtol))

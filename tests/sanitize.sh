@@ -65,11 +65,13 @@ echo "== fusion._C driven directly"
 """prepare()/apply() over every dtype, layout and map, and every error path,
 with the values checked against a float64 fold."""
 import ctypes
+import dataclasses
 import os
 
 import torch
 
 import fusion._C as C
+from fusion import NormParams
 
 # The preloaded runtime is live in this process, not merely linked.
 assert hasattr(ctypes.CDLL(None), "__asan_region_is_poisoned")
@@ -83,20 +85,20 @@ checked = 0
 
 
 def norm(c, dtype, affine=True):
-    return dict(
+    return NormParams(
         running_mean=torch.randn(c, dtype=torch.float64).to(dtype),
         running_var=(torch.rand(c, dtype=torch.float64) + 0.5).to(dtype),
-        norm_weight=torch.randn(c, dtype=torch.float64).to(dtype) if affine else None,
-        norm_bias=torch.randn(c, dtype=torch.float64).to(dtype) if affine else None,
+        weight=torch.randn(c, dtype=torch.float64).to(dtype) if affine else None,
+        bias=torch.randn(c, dtype=torch.float64).to(dtype) if affine else None,
         eps=1e-5)
 
 
 def affine(n):
-    var = n["running_var"].double()
-    g = n["norm_weight"].double() if n["norm_weight"] is not None else torch.ones_like(var)
-    b = n["norm_bias"].double() if n["norm_bias"] is not None else torch.zeros_like(var)
-    s = g / torch.sqrt(var + n["eps"])
-    return s, b - n["running_mean"].double() * s
+    var = n.running_var.double()
+    g = n.weight.double() if n.weight is not None else torch.ones_like(var)
+    b = n.bias.double() if n.bias is not None else torch.zeros_like(var)
+    s = g / torch.sqrt(var + n.eps)
+    return s, b - n.running_mean.double() * s
 
 
 def close(got, want, dtype, scale):
@@ -150,19 +152,15 @@ def run(weight, bias, n, before, grouped, groups, post=None):
     if before:
         want_b = b0 + (w64 * t[ch].view(d0, d1, *([1] * (weight.dim() - 2)))).flatten(1).sum(1)
     else:
-        want_b = (b0 - n["running_mean"].double()) * s + (
-            n["norm_bias"].double() if n["norm_bias"] is not None else 0)
-    kw = dict(n)
+        want_b = (b0 - n.running_mean.double()) * s + (
+            n.bias.double() if n.bias is not None else 0)
     if post is not None:
         ps, _ = affine(post)
         want_w = want_w * ps.view(-1, *([1] * (weight.dim() - 1)))
-        want_b = (want_b - post["running_mean"].double()) * ps + (
-            post["norm_bias"].double() if post["norm_bias"] is not None else 0)
-        kw.update(post_mean=post["running_mean"], post_var=post["running_var"],
-                  post_weight=post["norm_weight"], post_bias=post["norm_bias"],
-                  post_eps=post["eps"])
-    f = C.prepare(weight, bias, bias_out, before=before, grouped=grouped,
-                  groups=groups, **kw)
+        want_b = (want_b - post.running_mean.double()) * ps + (
+            post.bias.double() if post.bias is not None else 0)
+    f = C.prepare(weight, bias, bias_out, n, before=before, grouped=grouped,
+                  groups=groups, post=post)
     assert not f.applied and f.numel == weight.numel()
     f.apply()
     f.apply()  # a second call does nothing
@@ -198,9 +196,13 @@ for numel_side in (300, 1100):
     run(w, torch.randn(numel_side), norm(numel_side, torch.float32), False, False, 1)
 
 
-def expect(code, text, **kw):
+def expect(code, text, part=None, field=None, changes=None, **kw):
+    """prepare() with the layer arguments in kw and the norm's fields in changes
+    fails with code, naming part and field, and writes nothing."""
+    base = norm(4, torch.float32)
     args = dict(weight=torch.ones(4, 3), bias_in=None, bias_out=torch.zeros(4),
-                before=False, grouped=False, groups=1, **norm(4, torch.float32))
+                before=False, grouped=False, groups=1,
+                norm=dataclasses.replace(base, **(changes or {})))
     args.update(kw)
     snapshot = {k: v.clone() for k, v in args.items()
                 if torch.is_tensor(v) and v.layout == torch.strided}
@@ -209,6 +211,8 @@ def expect(code, text, **kw):
     except C.FoldError as exc:
         assert exc.code == code, (exc.code, code, str(exc))
         assert text in str(exc), (text, str(exc))
+        if part is not None:
+            assert (exc.part, exc.field) == (part, field), (exc.part, exc.field, str(exc))
         for k, v in snapshot.items():  # a failed prepare writes nothing
             assert torch.equal(args[k].contiguous().view(-1).view(torch.uint8),
                                v.contiguous().view(-1).view(torch.uint8)), k
@@ -218,27 +222,32 @@ def expect(code, text, **kw):
 
 nan_w = torch.ones(4, 3)
 nan_w[2, 1] = float("nan")
-expect("nonfinite", "weight", weight=nan_w)
-expect("nonfinite", "running_mean", running_mean=torch.tensor([0, float("inf"), 0, 0.]))
-expect("variance", "running_var", running_var=torch.tensor([1, -1, 1, 1.]))
-expect("overflow", "weight", weight=torch.full((4, 3), 60000, dtype=torch.float16),
+expect("nonfinite", "weight", "layer", "weight", weight=nan_w)
+expect("nonfinite", "running_mean", "norm", "running_mean",
+       changes=dict(running_mean=torch.tensor([0, float("inf"), 0, 0.])))
+expect("variance", "running_var", "norm", "running_var",
+       changes=dict(running_var=torch.tensor([1, -1, 1, 1.])))
+half = norm(4, torch.float16)
+expect("overflow", "weight", "layer", "weight",
+       weight=torch.full((4, 3), 60000, dtype=torch.float16),
        bias_out=torch.zeros(4, dtype=torch.float16),
-       **norm(4, torch.float16) | dict(norm_weight=torch.full((4,), 2, dtype=torch.float16)))
-expect("shape", "running_mean", running_mean=torch.zeros(5))
-expect("shape", "bias", bias_out=torch.zeros(5))
-expect("shape", "weight", weight=torch.ones(4))
-expect("argument", "expected a torch.Tensor", weight=[1.0, 2.0])
+       norm=dataclasses.replace(half, weight=torch.full((4,), 2, dtype=torch.float16)))
+expect("shape", "running_mean", "norm", "running_mean",
+       changes=dict(running_mean=torch.zeros(5)))
+expect("shape", "bias", "layer", "bias", bias_out=torch.zeros(5))
+expect("shape", "weight", "layer", "weight", weight=torch.ones(4))
+expect("argument", "expected a torch.Tensor", "layer", "weight", weight=[1.0, 2.0])
 expect("dtype", "not supported", weight=torch.ones(4, 3, dtype=torch.int64))
 expect("dtype", "sparse", weight=torch.ones(4, 3).to_sparse())
-expect("argument", "post", post_mean=torch.zeros(4), post_var=torch.ones(4))
+expect("argument", "post", "post", "", post=norm(4, torch.float32))
 # An expanded weight reaches one element through four indices: it must not
 # be scaled in place (the core's FUSION_E_OVERLAP).
 expect("overlap", "several indices", weight=torch.ones(1, 3).expand(4, 3))
 expect("overlap", "several indices", bias_out=torch.zeros(1).expand(4))
 # A Fold dropped without apply() frees what it holds.
 for _ in range(100):
-    C.prepare(torch.ones(4, 3), None, torch.zeros(4), before=False, grouped=False,
-              groups=1, **norm(4, torch.float32))
+    C.prepare(torch.ones(4, 3), None, torch.zeros(4), norm(4, torch.float32),
+              before=False, grouped=False, groups=1)
 print("every error path raised FoldError with its code, writing nothing")
 EOF
 echo "== sanitize: all passed"

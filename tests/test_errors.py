@@ -17,7 +17,7 @@ from torch import nn
 
 import fusion
 from conftest import _bits, assert_unchanged, snapshot
-from fusion import FusionError, analyze, fuse, fuse_conv_and_bn
+from fusion import FusionError, NormParams, analyze, fuse, fuse_conv_and_bn
 from fusion._native import _C
 from zoo import calibrate
 
@@ -190,12 +190,14 @@ def test_core_refuses_short_vectors_on_its_own(slot):
     """Defence in depth: with the Python checks bypassed, the C core still
     refuses a vector shorter than the channels instead of reading past it."""
     weight = torch.randn(4, 3, 3, 3)
+    norm = dict(running_mean=torch.zeros(4), running_var=torch.ones(4),
+                norm_weight=torch.ones(4), norm_bias=torch.zeros(4))
     args = dict(weight=weight.clone(), bias_in=None, bias_out=torch.zeros(4),
-                running_mean=torch.zeros(4), running_var=torch.ones(4),
-                norm_weight=torch.ones(4), norm_bias=torch.zeros(4), eps=1e-5,
                 before=False, grouped=False, groups=1)
     # a view of the last two elements of 8: its storage is long enough, the view is not
-    args[slot] = torch.ones(8)[6:]
+    (args if slot == "bias_out" else norm)[slot] = torch.ones(8)[6:]
+    args["norm"] = NormParams(norm["running_mean"], norm["running_var"],
+                              norm["norm_weight"], norm["norm_bias"], 1e-5)
     with pytest.raises(_C.FoldError) as info:
         _C.prepare(**args)
     assert info.value.code == "shape"

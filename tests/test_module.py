@@ -5,13 +5,14 @@ import torch
 from torch import nn
 
 from conftest import rel_err
-from fusion import FusionError, _C, fuse, rewrite
+from fusion import FusionError, NormParams, _C, fuse, rewrite
 
 
 def _prepare(w):
     c = w.shape[0]
-    return _C.prepare(w, None, torch.zeros(c), torch.zeros(c), torch.ones(c),
-                      torch.full((c,), 2.0), None, 0.0, False, False, 1)
+    norm = NormParams(torch.zeros(c), torch.ones(c), torch.full((c,), 2.0), None, 0.0)
+    return _C.prepare(w, None, torch.zeros(c), norm, before=False, grouped=False,
+                      groups=1)
 
 
 @pytest.mark.parametrize("change", ["set_", "resize_"])
@@ -86,8 +87,9 @@ def test_large_weight_faults_are_found_and_located(fault):
         var[200] = 0.25  # scale 2: 120000 does not fit float16
     before = w.clone()
     with pytest.raises(_C.FoldError) as err:
-        _C.prepare(w, None, torch.zeros(c, dtype=w.dtype), torch.zeros(c), var,
-                   None, None, 0.0, False, False, 1)
+        _C.prepare(w, None, torch.zeros(c, dtype=w.dtype),
+                   NormParams(torch.zeros(c), var, None, None, 0.0), before=False,
+                   grouped=False, groups=1)
     assert err.value.code == ("nonfinite" if fault == "nan" else "overflow")
     if fault == "nan":
         assert err.value.index == sum(i * s for i, s in zip(where, w.stride()))

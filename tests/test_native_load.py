@@ -92,11 +92,14 @@ def assert_explained(result, *phrases):
 
 def test_the_loaded_module_was_built_for_the_running_torch():
     """Not marked slow: runs in every suite. The extension this interpreter loaded
-    is this venv's installed build (not the source tree's, not the other venv's),
-    compiled against the torch that is running."""
+    was compiled against the torch that is running (its recorded version and the
+    marker in its file agree), and is not one left in the source tree."""
+    from fusion import _native
+
     assert fusion._C.torch_version == RUNNING
-    assert os.path.commonpath([os.path.realpath(fusion._C.__file__),
-                               os.path.realpath(sys.prefix)]) == os.path.realpath(sys.prefix)
+    assert _native._built_for() == RUNNING
+    tree = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fusion")
+    assert os.path.dirname(os.path.realpath(fusion._C.__file__)) != os.path.realpath(tree)
 
 
 @SLOW

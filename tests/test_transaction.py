@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from conftest import _bits, assert_unchanged, snapshot
-from fusion import FusionError, fuse, rewrite
+from fusion import FusionError, NormParams, fuse, rewrite
 from fusion import verify as fusion_verify
 from fusion._native import _C
 from zoo import calibrate
@@ -86,9 +86,9 @@ class Spy:
         return Handle()
 
 
-def fold_error(code, what, index=-1, value=0.0):
-    exc = _C.FoldError(f"{what}: planted {code}")
-    exc.code, exc.what, exc.index, exc.value = code, what, index, value
+def fold_error(code, part, field, index=-1, value=0.0):
+    exc = _C.FoldError(f"{part} {field}: planted {code}")
+    exc.code, exc.part, exc.field, exc.index, exc.value = code, part, field, index, value
     return exc
 
 
@@ -146,10 +146,12 @@ def test_shape_error_in_recorded_run_names_the_layer():
 
 
 @pytest.mark.parametrize("error,exc_type,layer", [
-    (fold_error("nonfinite", "running_var", 1, float("nan")), FusionError, "pairs.2.bn"),
-    (fold_error("variance", "running_var", 0, -1.0), FusionError, "pairs.2.bn"),
-    (fold_error("nonfinite", "weight", 7, float("inf")), FusionError, "pairs.2.conv"),
-    (fold_error("shape", "bias"), FusionError, "pairs.2.conv"),
+    (fold_error("nonfinite", "norm", "running_var", 1, float("nan")), FusionError,
+     "pairs.2.bn"),
+    (fold_error("variance", "norm", "running_var", 0, -1.0), FusionError, "pairs.2.bn"),
+    (fold_error("nonfinite", "layer", "weight", 7, float("inf")), FusionError,
+     "pairs.2.conv"),
+    (fold_error("shape", "layer", "bias"), FusionError, "pairs.2.conv"),
     (MemoryError(), MemoryError, None),
     (RuntimeError("planted"), RuntimeError, None),
 ], ids=["nonfinite-var", "variance", "nonfinite-weight", "shape-bias", "nomem", "runtime"])
@@ -176,7 +178,7 @@ def test_overflow_in_third_pair_leaves_it_and_folds_the_rest(inplace, monkeypatc
     the others fold."""
     model = five()
     third = {k: v.clone() for k, v in model.pairs[2].state_dict().items()}
-    spy = Spy(fail_on=3, error=fold_error("overflow", "weight", 0, 1e300))
+    spy = Spy(fail_on=3, error=fold_error("overflow", "layer", "weight", 0, 1e300))
     monkeypatch.setattr(rewrite, "_C", spy.module)
     x = inputs()
     with torch.no_grad():
@@ -208,15 +210,17 @@ def test_every_check_runs_before_the_first_write(monkeypatch):
 #: rewrite.write fails this test: check that the new call cannot fail, then
 #: add it here (or move the work into prepare()).
 WRITE_MAY_CALL = {
-    "alias_names",    # fusion.discover: a dict of named_modules(); checked below too
+    "alias_names",    # fusion.layers: a dict of named_modules(); checked below too
     "no_grad",        # torch.no_grad()
     "apply",          # fusion._C.Fold.apply: checked in prepare(), cannot fail
     "copy_",          # device <- host copy of a tensor prepare() made to match
     "Identity",       # nn.Identity()
-    "set", "add", "id", "get", "values", "append",  # builtins on containers it built
-    "rpartition",     # str
-    "get_submodule",  # of a name that named_modules() just gave
-    "setattr",        # module attribute <- nn.Identity
+    "set", "add", "id", "get", "setdefault", "values", "append", "extend",
+    # builtins on containers it built
+    "replacements",   # fusion.rewrite: the names of the folded norms; checked below too
+    "Replaced",       # its dataclass
+    "replace_module",  # fusion.layers: setattr on the parent of a name that
+                       # named_modules() just gave; checked below too
 }
 
 #: Attributes the write phase may assign: nn.Module.__setattr__ on these takes
@@ -263,7 +267,7 @@ def test_write_phase_has_no_failure_path():
     assert _failure_paths(tree) == []
     called = {_called_name(n) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     assert called <= WRITE_MAY_CALL, f"write() calls {sorted(called - WRITE_MAY_CALL)}"
-    assert {"apply", "setattr"} <= called  # this really is the write phase
+    assert {"apply", "replace_module"} <= called  # this really is the write phase
     for node in ast.walk(tree):
         if isinstance(node, ast.With):
             assert [ast.unparse(i.context_expr) for i in node.items] == ["torch.no_grad()"]
@@ -301,10 +305,9 @@ def test_the_rule_catches_what_it_should():
 def test_fold_apply_writes_once():
     weight = torch.randn(4, 3, 3, 3)
     bias = torch.zeros(4)
-    handle = _C.prepare(weight=weight, bias_in=None, bias_out=bias,
-                        running_mean=torch.full((4,), 0.5), running_var=torch.full((4,), 4.0),
-                        norm_weight=None, norm_bias=None, eps=0.0, before=False,
-                        grouped=False, groups=1)
+    norm = NormParams(torch.full((4,), 0.5), torch.full((4,), 4.0), None, None, 0.0)
+    handle = _C.prepare(weight=weight, bias_in=None, bias_out=bias, norm=norm,
+                        before=False, grouped=False, groups=1)
     original = weight.clone()
     assert not handle.applied and torch.equal(weight, original)  # prepare writes nothing
     handle.apply()

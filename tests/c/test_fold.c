@@ -972,28 +972,36 @@ fixture_unchanged(const fixture *f)
 static fusion_status
 fixture_check(fixture *f, fusion_where *where)
 {
-    where->what = NULL;
+    where->part = FUSION_PART_NONE;
+    where->field = FUSION_FIELD_NONE;
     where->index = -1;
     where->value = 0.0;
-    fusion_status st =
-        fusion_norm_affine(&f->norm, f->channels, f->scale, f->shift, where);
+    fusion_status st = fusion_norm_affine(&f->norm, FUSION_PART_NORM,
+                                          f->channels, f->scale, f->shift, where);
     if (st != FUSION_OK) {
         return st;
     }
     f->fold.norm = &f->norm;
     f->fold.scale = f->scale;
-    f->fold.shift = f->shift;
     if (f->c.post) {
-        st = fusion_norm_affine(&f->post, f->d_out, f->post_scale,
-                                f->post_shift, where);
+        st = fusion_norm_affine(&f->post, FUSION_PART_POST, f->d_out,
+                                f->post_scale, f->post_shift, where);
         if (st != FUSION_OK) {
             return st;
         }
         f->fold.post = &f->post;
         f->fold.post_scale = f->post_scale;
-        f->fold.post_shift = f->post_shift;
     }
     return fusion_fold_check(&f->fold, f->new_bias, where);
+}
+
+/* "layer weight", "norm running_var": where a check failed, as text. */
+static const char *
+where_label(const fusion_where *w, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s %s", fusion_part_str(w->part),
+             fusion_field_str(w->field));
+    return buf;
 }
 
 /* The exact affine map of one channel of a norm, from its stored values. */
@@ -1171,9 +1179,10 @@ run_case(const fold_case *c)
     fixture_snapshot(&f);
     fusion_where where;
     fusion_status st = fixture_check(&f, &where);
+    char label[64];
     CHECK(st == FUSION_OK, "check: %s (%s[%" PRId64 "] = %g)",
-          fusion_status_str(st), where.what ? where.what : "-", where.index,
-          where.value);
+          fusion_status_str(st), where_label(&where, label, sizeof label),
+          where.index, where.value);
     CHECK(fixture_unchanged(&f), "the check phase wrote a tensor");
     CHECK(fusion_fold_channels(&f.fold) == f.channels, "channels");
     CHECK(fusion_fold_out_channels(&f.fold) == f.d_out, "out channels");
@@ -1359,8 +1368,9 @@ fill_all(tensor *t, double x)
     }
 }
 
-/* Expects the module.c sequence to fail with st, naming `what`, and to have
- * written nothing. */
+/* Expects the module.c sequence to fail with st, naming `what` ("layer
+ * weight", "norm running_var", "post bias": where's part and field), and to
+ * have written nothing. */
 static void
 expect_failure_at(fixture *f, fusion_status st, const char *what,
                   int64_t index, int line)
@@ -1371,9 +1381,10 @@ expect_failure_at(fixture *f, fusion_status st, const char *what,
     CHECK(got == st, "line %d: status %s, expected %s", line,
           fusion_status_str(got), fusion_status_str(st));
     if (what != NULL) {
-        CHECK(where.what != NULL && strcmp(where.what, what) == 0,
-              "line %d: where.what = %s, expected %s", line,
-              where.what ? where.what : "NULL", what);
+        char label[64];
+        where_label(&where, label, sizeof label);
+        CHECK(strcmp(label, what) == 0, "line %d: where = %s, expected %s",
+              line, label, what);
         CHECK(where.index == index,
               "line %d: where.index = %" PRId64 ", expected %" PRId64, line,
               where.index, index);
@@ -1392,8 +1403,10 @@ check_and_apply_at(fixture *f, const char *what, int line)
 {
     fusion_where where;
     fusion_status st = fixture_check(f, &where);
+    char label[64];
     CHECK(st == FUSION_OK, "line %d: %s: %s (%s[%" PRId64 "])", line, what,
-          fusion_status_str(st), where.what ? where.what : "-", where.index);
+          fusion_status_str(st), where_label(&where, label, sizeof label),
+          where.index);
     if (st != FUSION_OK) {
         return 0;
     }
@@ -1415,9 +1428,9 @@ test_nonfinite(void)
             struct {
                 int which; /* 0 weight, 1 bias, 2..5 mean var gamma beta */
                 const char *what;
-            } spots[] = {{0, "weight"},       {1, "bias"},
-                         {2, "running_mean"}, {3, "running_var"},
-                         {4, "weight"},       {5, "bias"}};
+            } spots[] = {{0, "layer weight"},      {1, "layer bias"},
+                         {2, "norm running_mean"}, {3, "norm running_var"},
+                         {4, "norm weight"},       {5, "norm bias"}};
             for (size_t k = 0; k < sizeof spots / sizeof spots[0]; k++) {
                 fold_case c;
                 simple_case(&c, dt, MAP_AFTER_AXIS0, 4, 3, 2);
@@ -1444,7 +1457,7 @@ test_nonfinite(void)
     fill_all(&f.w, 1.0);
     fill_all(&f.bias_in, 1.0);
     f.norm.eps = NAN;
-    expect_failure(&f, FUSION_E_NONFINITE, "eps", -1);
+    expect_failure(&f, FUSION_E_NONFINITE, "norm eps", -1);
     fixture_free(&f);
 }
 
@@ -1479,7 +1492,7 @@ test_variance(void)
                   want);
         }
         else {
-            expect_failure(&f, cases[i].st, "running_var", 1);
+            expect_failure(&f, cases[i].st, "norm running_var", 1);
         }
         fixture_free(&f);
     }
@@ -1499,7 +1512,7 @@ test_variance(void)
         fill_all(&f.var, 1.5e308);
         f.norm.eps = 1.5e308;
         fusion_where where;
-        CHECK(fusion_norm_affine(&f.norm, 2, f.scale, f.shift, &where) ==
+        CHECK(fusion_norm_affine(&f.norm, FUSION_PART_NORM, 2, f.scale, f.shift, &where) ==
                   FUSION_OK,
               "affine");
         double want =
@@ -1507,7 +1520,7 @@ test_variance(void)
         CHECK(fabs(f.scale[0] - want) <= 4 * DBL_EPSILON * want,
               "scale %g, expected %g", f.scale[0], want);
         /* 1 * 5.8e145 does not fit float32. */
-        expect_failure(&f, FUSION_E_OVERFLOW, "weight", 0);
+        expect_failure(&f, FUSION_E_OVERFLOW, "layer weight", 0);
         fixture_free(&f);
     }
 
@@ -1520,7 +1533,7 @@ test_variance(void)
     fill_all(&f.w, 1.0);
     fill_all(&f.bias_in, 1.0);
     tensor_set(&f.var, 0, 1e-300);
-    expect_failure(&f, FUSION_E_OVERFLOW, "scale", 0);
+    expect_failure(&f, FUSION_E_OVERFLOW, "norm scale", 0);
     fixture_free(&f);
 }
 
@@ -1539,31 +1552,31 @@ test_overflow(void)
          NULL},
         /* 2 + 2^-9 is the float16 after 2: 32752 * it = 65568 > 65520. */
         {FUSION_DTYPE_F16, MAP_AFTER_AXIS0, 32752, 2.001953125, 0, 0, 0,
-         FUSION_E_OVERFLOW, "weight"},
+         FUSION_E_OVERFLOW, "layer weight"},
         {FUSION_DTYPE_F16, MAP_AFTER_AXIS0, -32752, 2.001953125, 0, 0, 0,
-         FUSION_E_OVERFLOW, "weight"},
+         FUSION_E_OVERFLOW, "layer weight"},
         {FUSION_DTYPE_F16, MAP_AFTER_AXIS0, 1.0, 1.5, 0, 50000, 0,
-         FUSION_E_OVERFLOW, "bias"},
+         FUSION_E_OVERFLOW, "layer bias"},
         {FUSION_DTYPE_F16, MAP_AFTER_GROUPED, 40000, 2.0, 0, 0, 0,
-         FUSION_E_OVERFLOW, "weight"},
+         FUSION_E_OVERFLOW, "layer weight"},
         {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 2.5, 0, 0, 0,
-         FUSION_E_OVERFLOW, "weight"},
+         FUSION_E_OVERFLOW, "layer weight"},
         {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 1.75, 0, 0, 0, FUSION_OK,
          NULL},
         /* Each factor fits; only their product with the post scale does
          * not. */
         {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 30000, 1.5, 1.5, 0, 0,
-         FUSION_E_OVERFLOW, "weight"},
+         FUSION_E_OVERFLOW, "layer weight"},
         /* The bias of a fold before a layer sums every weight times the
          * shift: 3 * 2 * 20000 * (0 - (-1) * 1) + 0 overflows. */
         {FUSION_DTYPE_F16, MAP_BEFORE_GROUPED, 20000, 1.0, 0, 0, -1.0,
-         FUSION_E_OVERFLOW, "bias"},
+         FUSION_E_OVERFLOW, "layer bias"},
         {FUSION_DTYPE_BF16, MAP_AFTER_AXIS0, 0x1.fep127, 1.5, 0, 0, 0,
-         FUSION_E_OVERFLOW, "weight"},
+         FUSION_E_OVERFLOW, "layer weight"},
         {FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 3e38, 2.0, 0, 0, 0,
-         FUSION_E_OVERFLOW, "weight"},
+         FUSION_E_OVERFLOW, "layer weight"},
         {FUSION_DTYPE_F64, MAP_AFTER_AXIS0, 1e308, 10.0, 0, 0, 0,
-         FUSION_E_OVERFLOW, "weight"},
+         FUSION_E_OVERFLOW, "layer weight"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         snprintf(g_context, sizeof g_context, "case %zu", i);
@@ -1612,42 +1625,53 @@ test_shapes_and_arguments(void)
     fill_all(&f.bias_in, 1.0);
     set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 1.0, 0.0, 0.0);
     f.norm.mean.sizes[0] = 3;
-    expect_failure(&f, FUSION_E_SHAPE, "running_mean", -1);
+    expect_failure(&f, FUSION_E_SHAPE, "norm running_mean", -1);
     f.norm.mean.sizes[0] = 4;
     f.norm.var.ndim = 2;
     f.norm.var.sizes[1] = 1;
-    expect_failure(&f, FUSION_E_SHAPE, "running_var", -1);
+    expect_failure(&f, FUSION_E_SHAPE, "norm running_var", -1);
     f.norm.var.ndim = 1;
     f.norm.weight.sizes[0] = 3; /* shorter, so that it is in bounds */
-    expect_failure(&f, FUSION_E_SHAPE, "weight", -1);
+    expect_failure(&f, FUSION_E_SHAPE, "norm weight", -1);
     f.norm.weight.sizes[0] = 4;
     f.norm.bias.ndim = 0;
-    expect_failure(&f, FUSION_E_SHAPE, "bias", -1);
+    expect_failure(&f, FUSION_E_SHAPE, "norm bias", -1);
     f.norm.bias.ndim = 1;
     f.norm.mean.dtype = FUSION_DTYPE_NONE; /* required */
-    expect_failure(&f, FUSION_E_DTYPE, "running_mean", -1);
+    expect_failure(&f, FUSION_E_DTYPE, "norm running_mean", -1);
     f.norm.mean.dtype = FUSION_DTYPE_F32;
     CHECK(fixture_check(&f, &where) == FUSION_OK, "restored fixture");
-    CHECK(fusion_norm_affine(NULL, 4, f.scale, f.shift, &where) ==
-              FUSION_E_ARG,
+    CHECK(fusion_norm_affine(NULL, FUSION_PART_NORM, 4, f.scale, f.shift,
+                             &where) == FUSION_E_ARG,
           "norm NULL");
-    CHECK(fusion_norm_affine(&f.norm, 4, NULL, f.shift, &where) ==
-              FUSION_E_ARG,
+    CHECK(fusion_norm_affine(&f.norm, FUSION_PART_NORM, 4, NULL, f.shift,
+                             &where) == FUSION_E_ARG,
           "scale NULL");
-    CHECK(fusion_norm_affine(&f.norm, -1, f.scale, f.shift, &where) ==
-              FUSION_E_ARG,
+    CHECK(fusion_norm_affine(&f.norm, FUSION_PART_NORM, -1, f.scale, f.shift,
+                             &where) == FUSION_E_ARG,
           "channels -1");
+    /* shift is optional: checked, not stored. */
+    CHECK(fusion_norm_affine(&f.norm, FUSION_PART_POST, 4, f.scale, NULL,
+                             &where) == FUSION_OK,
+          "shift NULL");
+    tensor_set(&f.mean, 1, NAN);
+    CHECK(fusion_norm_affine(&f.norm, FUSION_PART_POST, 4, f.scale, NULL,
+                             &where) == FUSION_E_NONFINITE &&
+              where.part == FUSION_PART_POST &&
+              where.field == FUSION_FIELD_MEAN && where.index == 1,
+          "a post norm's fault names the post part");
+    tensor_set(&f.mean, 1, 1.0);
 
     /* Producer biases of the wrong length or rank. */
     f.fold.bias_in.sizes[0] = 3;
-    expect_failure(&f, FUSION_E_SHAPE, "bias", -1);
+    expect_failure(&f, FUSION_E_SHAPE, "layer bias", -1);
     f.fold.bias_in.sizes[0] = 4;
     f.fold.bias_out.sizes[0] = 5;
-    expect_failure(&f, FUSION_E_SHAPE, "bias", -1);
+    expect_failure(&f, FUSION_E_SHAPE, "layer bias", -1);
     f.fold.bias_out.sizes[0] = 4;
     f.fold.bias_out.ndim = 2;
     f.fold.bias_out.sizes[1] = 1;
-    expect_failure(&f, FUSION_E_SHAPE, "bias", -1);
+    expect_failure(&f, FUSION_E_SHAPE, "layer bias", -1);
     f.fold.bias_out.ndim = 1;
 
     /* Bad weights. */
@@ -1680,11 +1704,10 @@ test_shapes_and_arguments(void)
     f.fold.map = FUSION_AXIS0;
     f.fold.post = &f.norm; /* a post norm needs the norm before */
     f.fold.post_scale = f.scale;
-    f.fold.post_shift = f.shift;
     CHECK(fusion_fold_check(&f.fold, f.new_bias, &where) == FUSION_E_ARG,
           "post after");
     f.fold.post = NULL;
-    f.fold.post_scale = f.fold.post_shift = NULL;
+    f.fold.post_scale = NULL;
     const double *saved = f.fold.scale;
     f.fold.scale = NULL;
     CHECK(fusion_fold_check(&f.fold, f.new_bias, &where) == FUSION_E_ARG,
@@ -1706,7 +1729,6 @@ test_shapes_and_arguments(void)
     CHECK(fusion_fold_channels(&f.fold) == 0, "channels with groups 4 of 6");
     f.fold.norm = &f.norm;
     f.fold.scale = f.scale;
-    f.fold.shift = f.shift;
     CHECK(fusion_fold_check(&f.fold, f.new_bias, &where) == FUSION_E_ARG,
           "groups 4 of 6");
     f.fold.groups = 0;
@@ -1737,45 +1759,45 @@ test_bounds(void)
      * exactly at it. */
     int64_t hi = f.fold.weight.hi;
     f.fold.weight.hi = 4 * 3 * 2 - 1;
-    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "layer weight", -1);
     f.fold.weight.hi = 4 * 3 * 2;
     CHECK(fixture_check(&f, &where) == FUSION_OK, "exact fit");
     f.fold.weight.hi = hi;
 
     /* Strides that reach past the end. */
     f.fold.weight.strides[0] *= 2;
-    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "layer weight", -1);
     f.fold.weight.strides[0] /= 2;
 
     /* A negative stride from a data pointer at the start of the view reaches
      * below the storage (the offset is 5 to 8 elements, a row is 6). */
     f.fold.weight.strides[0] = -6;
-    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "layer weight", -1);
     /* Spans whose arithmetic overflows int64 are rejected, not wrapped:
      * (4 - 1) * stride, then the sum of two spans. */
     f.fold.weight.strides[0] = INT64_MAX / 2 + 1;
-    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "layer weight", -1);
     f.fold.weight.strides[0] = INT64_MIN / 2;
-    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "layer weight", -1);
     f.fold.weight.strides[0] = INT64_MAX / 3;
     f.fold.weight.strides[1] = INT64_MAX / 2;
-    expect_failure(&f, FUSION_E_BOUNDS, "weight", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "layer weight", -1);
     f.fold.weight.strides[0] = 6;
     f.fold.weight.strides[1] = 2;
     CHECK(fixture_check(&f, &where) == FUSION_OK, "restored weight");
 
     /* Biases and statistics. */
     f.fold.bias_out.hi = f.fold.bias_out.strides[0] * 3;
-    expect_failure(&f, FUSION_E_BOUNDS, "bias", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "layer bias", -1);
     f.fold.bias_out.hi = f.bias_out.v.hi;
     f.fold.bias_in.lo = 1;
-    expect_failure(&f, FUSION_E_BOUNDS, "bias", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "layer bias", -1);
     f.fold.bias_in.lo = f.bias_in.v.lo;
     f.norm.var.hi = 2;
-    expect_failure(&f, FUSION_E_BOUNDS, "running_var", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "norm running_var", -1);
     f.norm.var.hi = f.var.v.hi;
     f.norm.bias.strides[0] = 1000;
-    expect_failure(&f, FUSION_E_BOUNDS, "bias", -1);
+    expect_failure(&f, FUSION_E_BOUNDS, "norm bias", -1);
     f.norm.bias.strides[0] = f.beta.v.strides[0];
     CHECK(fixture_check(&f, &where) == FUSION_OK, "restored");
     fixture_free(&f);
@@ -1842,11 +1864,11 @@ test_overlapping_views(void)
     /* weight[o] = w[0] for every o, as torch's expand() makes it. Before
      * the check existed this folded "successfully" to 2^4 * w. */
     f.fold.weight.strides[0] = 0;
-    expect_failure(&f, FUSION_E_OVERLAP, "weight", -1);
+    expect_failure(&f, FUSION_E_OVERLAP, "layer weight", -1);
     /* Rows that share elements without a zero stride: strides (1, 1). */
     f.fold.weight.strides[0] = 1;
     f.fold.weight.strides[1] = 1;
-    expect_failure(&f, FUSION_E_OVERLAP, "weight", -1);
+    expect_failure(&f, FUSION_E_OVERLAP, "layer weight", -1);
     /* Reversed rows are fine (the data pointer is then the last row). */
     f.fold.weight.strides[0] = -3;
     f.fold.weight.data = (float *)f.w.v.data + 9;
@@ -1865,7 +1887,7 @@ test_overlapping_views(void)
     set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 2.0, 0.0, 0.0);
     tensor_set(&f.mean, 3, 1.0);
     f.fold.bias_out.strides[0] = 0;
-    expect_failure(&f, FUSION_E_OVERLAP, "bias", -1);
+    expect_failure(&f, FUSION_E_OVERLAP, "layer bias", -1);
     /* A bias read through a stride of 0 is fine: only bias_out is
      * written. */
     f.fold.bias_out.strides[0] = 1;
@@ -1946,7 +1968,7 @@ test_negative_strides(void)
         if (nan) {
             /* weight[3, 0, 0] is storage element 0, offset -18 from data. */
             tensor_set(&f.w, 18, NAN);
-            expect_failure(&f, FUSION_E_NONFINITE, "weight", -18);
+            expect_failure(&f, FUSION_E_NONFINITE, "layer weight", -18);
         }
         else {
             fixture_snapshot(&f);

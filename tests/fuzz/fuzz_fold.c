@@ -1058,12 +1058,13 @@ unchanged_all(const fold_input *in)
 }
 
 /* The sequence of csrc/module.c's prepare(): returns the status, or -1 for
- * the shape errors module.c raises itself before calling the core. */
+ * the weight shape that module.c refuses itself before calling the core. A
+ * failure names a part of the fold. */
 static int
 run_core(fold_input *in, double *scale, double *shift, double *post_scale,
          double *post_shift, double *new_bias)
 {
-    fusion_where where = {NULL, -1, 0.0};
+    fusion_where where = {FUSION_PART_NONE, FUSION_FIELD_NONE, -1, 0.0};
     fusion_fold *fold = &in->fold;
     int64_t channels = fusion_fold_channels(fold);
     if (fold->weight.ndim < 2 || channels == 0) {
@@ -1073,31 +1074,26 @@ run_core(fold_input *in, double *scale, double *shift, double *post_scale,
         fusion_fold_out_channels(fold) != in->d_out) {
         fail("fusion_fold_channels disagrees with the layer");
     }
-    if (in->norm.mean.ndim != 1 || in->norm.mean.sizes[0] != channels) {
-        return -1;
-    }
-    fusion_status st =
-        fusion_norm_affine(&in->norm, channels, scale, shift, &where);
-    if (st != FUSION_OK) {
-        return (int)st;
-    }
-    fold->norm = &in->norm;
-    fold->scale = scale;
-    fold->shift = shift;
-    if (in->has_post) {
-        if (in->post.mean.ndim != 1 || in->post.mean.sizes[0] != in->d_out) {
-            return -1;
+    fusion_status st = fusion_norm_affine(&in->norm, FUSION_PART_NORM,
+                                          channels, scale, shift, &where);
+    if (st == FUSION_OK) {
+        fold->norm = &in->norm;
+        fold->scale = scale;
+        if (in->has_post) {
+            st = fusion_norm_affine(&in->post, FUSION_PART_POST, in->d_out,
+                                    post_scale, post_shift, &where);
+            fold->post = &in->post;
+            fold->post_scale = post_scale;
         }
-        st = fusion_norm_affine(&in->post, in->d_out, post_scale, post_shift,
-                                &where);
-        if (st != FUSION_OK) {
-            return (int)st;
-        }
-        fold->post = &in->post;
-        fold->post_scale = post_scale;
-        fold->post_shift = post_shift;
     }
-    return (int)fusion_fold_check(fold, new_bias, &where);
+    if (st == FUSION_OK) {
+        st = fusion_fold_check(fold, new_bias, &where);
+    }
+    if (st != FUSION_OK && where.part == FUSION_PART_NONE &&
+        st != FUSION_E_ARG) {
+        fail("a failed check names no part of the fold");
+    }
+    return (int)st;
 }
 
 int
