@@ -976,8 +976,8 @@ fixture_check(fixture *f, fusion_where *where)
     where->field = FUSION_FIELD_NONE;
     where->index = -1;
     where->value = 0.0;
-    fusion_status st = fusion_norm_affine(&f->norm, FUSION_PART_NORM,
-                                          f->channels, f->scale, f->shift, where);
+    fusion_status st = fusion_norm_affine(
+        &f->norm, FUSION_PART_NORM, f->channels, f->scale, f->shift, where);
     if (st != FUSION_OK) {
         return st;
     }
@@ -1512,8 +1512,8 @@ test_variance(void)
         fill_all(&f.var, 1.5e308);
         f.norm.eps = 1.5e308;
         fusion_where where;
-        CHECK(fusion_norm_affine(&f.norm, FUSION_PART_NORM, 2, f.scale, f.shift, &where) ==
-                  FUSION_OK,
+        CHECK(fusion_norm_affine(&f.norm, FUSION_PART_NORM, 2, f.scale,
+                                 f.shift, &where) == FUSION_OK,
               "affine");
         double want =
             (double)((quad)1e300 / quad_sqrt((quad)1.5e308 + (quad)1.5e308));
