@@ -10,6 +10,7 @@ Switches, read from the environment:
   FUSION_OPENMP=0    build the core without OpenMP
 """
 import os
+import types
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -20,12 +21,15 @@ def _flag(name):
 
 
 def _torch_config():
+    """What the build needs from the torch it builds against."""
     import torch
     from torch.utils import cpp_extension
 
-    abi = int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1))
-    version = torch.__version__.split("+")[0]
-    return cpp_extension.include_paths(), cpp_extension.library_paths(), abi, version
+    return types.SimpleNamespace(
+        include_dirs=cpp_extension.include_paths(),
+        library_dirs=cpp_extension.library_paths(),
+        abi=int(getattr(torch._C, "_GLIBCXX_USE_CXX11_ABI", 1)),
+        version=torch.__version__.split("+")[0])
 
 
 def _cxx_standard(version):
@@ -55,7 +59,7 @@ class BuildExt(build_ext):
         if openmp:
             c_flags.append("-fopenmp")
             link.append("-fopenmp")
-        cxx_flags = [_cxx_standard(_torch_config()[3]), "-Wno-unused-parameter",
+        cxx_flags = [_cxx_standard(_torch_config().version), "-Wno-unused-parameter",
                      "-Wno-deprecated-declarations"] + common
         original = self.compiler._compile
 
@@ -70,8 +74,9 @@ class BuildExt(build_ext):
 
 
 def _extension():
-    include_dirs, library_dirs, abi, version = _torch_config()
-    include_dirs = [d for d in include_dirs if os.path.isdir(d)]
+    torch_config = _torch_config()
+    include_dirs = [d for d in torch_config.include_dirs if os.path.isdir(d)]
+    library_dirs = torch_config.library_dirs
     return Extension(
         "fusion._C",
         sources=["csrc/fold.c", "csrc/module.c", "csrc/torch_shim.cpp"],
@@ -83,8 +88,8 @@ def _extension():
         library_dirs=library_dirs,
         libraries=["c10", "torch_cpu", "torch", "torch_python"],
         define_macros=[
-            ("_GLIBCXX_USE_CXX11_ABI", str(abi)),
-            ("FUSION_TORCH_VERSION", '"%s"' % version),
+            ("_GLIBCXX_USE_CXX11_ABI", str(torch_config.abi)),
+            ("FUSION_TORCH_VERSION", '"%s"' % torch_config.version),
         ],
         depends=["csrc/fold.h", "csrc/torch_shim.h", "setup.py"],
         language="c++",

@@ -27,13 +27,12 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))  # zoo.py and exact.py live ther
 # fusion/ holds no extension, so ROOT stays off sys.path.
 
 import fusion  # noqa: E402
+import fusion._tools.machine  # noqa: E402
 import zoo  # noqa: E402
 
 #: The representative subset of the zoo run in quick mode.
 QUICK_ZOO = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
 FULL_ZOO = list(zoo.ZOO)
-
-_BLAS_LINK = "/etc/alternatives/libblas.so.3-x86_64-linux-gnu"
 
 
 # --- Environment ---------------------------------------------------------------
@@ -50,21 +49,6 @@ def _cpu_model():
     return platform.processor() or "unknown"
 
 
-def _blas_loaded():
-    """The BLAS library actually mapped into this process, after one matmul."""
-    torch.mm(torch.ones(64, 64), torch.ones(64, 64))
-    found = set()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split()[-1] if len(line.split()) >= 6 else ""
-                if re.search(r"blas|mkl", os.path.basename(path)):
-                    found.add(path)
-    except OSError:
-        pass
-    return sorted(found)
-
-
 def _git_commit():
     try:
         rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
@@ -79,8 +63,7 @@ def _git_commit():
 
 def environment(threads):
     """What a result depends on: torch, threads, BLAS, machine, date, load."""
-    config = torch.__config__.show()
-    m = re.search(r"BLAS_INFO=([^,\s]+)", config)
+    machine = fusion._tools.machine.environment()
     try:
         import torchvision
         tv = torchvision.__version__
@@ -92,10 +75,11 @@ def environment(threads):
         "torchvision": tv,
         "python": platform.python_version(),
         "threads": threads,
-        "blas_alternative": os.path.realpath(_BLAS_LINK) if os.path.exists(_BLAS_LINK)
-        else None,
-        "blas_loaded": _blas_loaded(),
-        "torch_blas_info": m.group(1) if m else None,
+        "blas": machine.blas,
+        "blas_libraries": [{k: i.get(k) for k in ("internal_api", "version",
+                                                  "num_threads", "filepath")}
+                           for i in machine.blas_libraries],
+        "torch_blas_info": machine.blas_info,
         "torch_parallel": "OpenMP" if "OpenMP" in torch.__config__.parallel_info()
         else "other",
         "cpu": _cpu_model(),
@@ -107,9 +91,10 @@ def environment(threads):
 
 
 def blas_label(env):
-    """One truthful name for the BLAS a result ran on: Debian's torch calls the
-    system libblas.so.3 (BLAS_INFO=generic), chosen by the alternatives link; pip's
-    torch carries its own (BLAS_INFO=mkl on x86-64, linked into libtorch_cpu)."""
+    """One truthful name for the BLAS a result ran on (fusion._tools.machine);
+    results written before it was recorded name Debian's alternatives link."""
+    if env.get("blas"):
+        return env["blas"]
     info = env.get("torch_blas_info")
     if info in (None, "generic") and env.get("blas_alternative"):
         return os.path.basename(os.path.dirname(str(env["blas_alternative"])))
@@ -117,9 +102,9 @@ def blas_label(env):
 
 
 def set_threads(n):
-    """torch's intra-op threads; with libgomp this also sets the OpenMP thread
-    count that fusion's core uses for large folds."""
-    torch.set_num_threads(n)
+    """torch's intra-op threads and every BLAS pool's; with libgomp this also sets
+    the OpenMP thread count that fusion's core uses for large folds."""
+    fusion._tools.machine.set_threads(n)
     return torch.get_num_threads()
 
 

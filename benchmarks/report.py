@@ -81,8 +81,8 @@ def _ok(flag):
 
 
 def env_table(sections):
-    keys = ["date", "torch", "torchvision", "python", "threads", "blas_alternative",
-            "blas_loaded", "torch_blas_info", "torch_parallel", "cpu", "nproc",
+    keys = ["date", "torch", "torchvision", "python", "threads", "blas",
+            "blas_libraries", "torch_blas_info", "torch_parallel", "cpu", "nproc",
             "loadavg_start", "loadavg_end", "commit", "argv"]
     rows = []
     for title, data in sections:
@@ -99,7 +99,7 @@ def env_table(sections):
     # One table: a column per section, a row per field.
     titles = [t for t, d in sections if d is not None]
     by = {(t, k): v for t, k, v in rows}
-    table = [[k] + [f"`{by.get((t, k))}`" if k in ("argv", "blas_loaded", "commit")
+    table = [[k] + [f"`{by.get((t, k))}`" if k in ("argv", "blas_libraries", "commit")
                     else str(by.get((t, k))) for t in titles] for k in keys]
     return common.md_table(["field"] + titles, table, align=["---"] * (len(titles) + 1))
 

@@ -948,6 +948,32 @@ block_fits(const fusion_fold *fold, int64_t i0, int64_t i1, int64_t a,
     return fusion_fits(*largest, fold->weight.dtype);
 }
 
+/* Reads the runs of the weight block at base: the largest |weight| into *m
+ * and, where sum is not NULL, the sum of the weights into *sum. Returns 0,
+ * or -1 with *bad the offset of the first element that is not finite. */
+static int
+block_read(const fusion_view *w, const rest_dims *r, int64_t base, double *m,
+           long double *sum, int64_t *bad)
+{
+    *m = 0.0;
+    if (sum != NULL) {
+        *sum = 0.0L;
+    }
+    FOR_EACH_RUN(r, base, off, count, stride, {
+        long double s = 0.0L;
+        double mm = 0.0;
+        if (run_maxabs_sum(w, off, count, stride, &mm, sum ? &s : NULL, bad) <
+            0) {
+            return -1;
+        }
+        *m = mm > *m ? mm : *m;
+        if (sum != NULL) {
+            *sum += s;
+        }
+    });
+    return 0;
+}
+
 /* Reads every weight once: each is finite, each fused weight fits, and with
  * the norm before the layer each output channel's bias is accumulated and
  * stored into new_bias. */
@@ -956,7 +982,6 @@ weights_check(const fusion_fold *fold, double *new_bias, fusion_where *where)
 {
     const fusion_view *w = &fold->weight;
     int before = fold->direction == FUSION_NORM_BEFORE;
-    int has_bias = view_present(&fold->bias_in);
     int64_t d0, d1, a;
     rest_dims r;
     fold_layout(fold, &d0, &d1, &a, &r);
@@ -970,27 +995,12 @@ weights_check(const fusion_fold *fold, double *new_bias, fusion_where *where)
     for (int64_t i0 = 0; i0 < d0; i0++) {
         long double acc = 0.0L, acc_c = 0.0L; /* Neumaier, see above */
         for (int64_t i1 = 0; i1 < d1; i1++) {
-            int64_t ch = channel_of(fold, i0, i1, a);
             int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
             double m = 0.0, largest = 0.0;
             long double row = 0.0L;
             int64_t bad = 0;
-            int found = 0;
-            FOR_EACH_RUN(&r, base, off, count, stride, {
-                if (empty) {
-                    break;
-                }
-                long double sum = 0.0L;
-                double mm = 0.0;
-                if (run_maxabs_sum(w, off, count, stride, &mm,
-                                   before ? &sum : NULL, &bad) < 0) {
-                    found = 1;
-                    break;
-                }
-                m = mm > m ? mm : m;
-                row += sum;
-            });
-            if (found) {
+            if (!empty &&
+                block_read(w, &r, base, &m, before ? &row : NULL, &bad) < 0) {
                 set_where(where, FUSION_PART_LAYER, FUSION_FIELD_WEIGHT, bad,
                           fusion_load(elem_ptr(w, bad), w->dtype));
                 return FUSION_E_NONFINITE;
@@ -1002,6 +1012,7 @@ weights_check(const fusion_fold *fold, double *new_bias, fusion_where *where)
                 return FUSION_E_OVERFLOW;
             }
             if (before) {
+                int64_t ch = channel_of(fold, i0, i1, a);
                 long double x = row * wide_shift(fold->norm, ch,
                                                  wide_scale(fold->norm, ch));
                 long double t = acc + x;
@@ -1010,12 +1021,13 @@ weights_check(const fusion_fold *fold, double *new_bias, fusion_where *where)
                 acc = t;
             }
         }
-        if (before) {
-            fusion_status st = finish_before_bias(fold, i0, acc + acc_c,
-                                                  has_bias, new_bias, where);
-            if (st != FUSION_OK) {
-                return st;
-            }
+        fusion_status st =
+            before ? finish_before_bias(fold, i0, acc + acc_c,
+                                        view_present(&fold->bias_in), new_bias,
+                                        where)
+                   : FUSION_OK;
+        if (st != FUSION_OK) {
+            return st;
         }
     }
     return FUSION_OK;

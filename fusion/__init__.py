@@ -7,7 +7,7 @@ See the README for the rules that decide which pairs fold, and for precision.
 """
 from ._native import _C  # noqa: F401  (fails early, with how to rebuild)
 from .api import analyze, apply_plan, fuse, fuse_conv_and_bn
-from .errors import FusionError
+from .errors import ERRORS, FusionError
 from .layers import NormParams, register_norm, unregister_norm
 from .plan import REASONS
 from .report import FusedPair, FusionReport, LeftNorm
@@ -25,6 +25,7 @@ __all__ = [
     "FusedPair",
     "LeftNorm",
     "REASONS",
+    "ERRORS",
 ]
 
 __version__ = "0.1.0"

@@ -456,8 +456,14 @@ def _cmd_analyze(args, progress: _Progress) -> int:
     return EXIT_OK
 
 
+def _demo_models():
+    from ._tools.demo import DEFAULT_MODELS  # plain data; torchvision is not imported
+
+    return DEFAULT_MODELS
+
+
 def _cmd_demo(args, progress: _Progress) -> int:
-    from . import demo
+    from ._tools import demo
 
     try:
         import torchvision  # noqa: F401
@@ -648,10 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build torchvision models with random weights and\n"
                                    "calibrated BatchNorm statistics, fuse them, and show\n"
                                    "what was removed, the output error and the latency.")
-    p.add_argument("--models", default="resnet50,mobilenet_v2", metavar="NAMES",
+    p.add_argument("--models", default=",".join(_demo_models()), metavar="NAMES",
                    help="comma-separated torchvision model names (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="threads for torch and OpenBLAS (default: as they are)")
+                   help="threads for torch and the BLAS (default: as they are)")
     p.add_argument("--repeats", type=_positive_int, metavar="N",
                    help="timed runs of each model (default: as many as fit in a few "
                         "seconds)")

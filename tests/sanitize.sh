@@ -26,8 +26,9 @@ echo "== torch $TORCH ($PY)"
 echo "== building fusion._C with FUSION_SANITIZE=1 into $OUT"
 FUSION_SANITIZE=1 "$PY" setup.py -q build_ext --build-lib "$OUT" \
     --build-temp "$OUT-tmp"
-rm -f "$OUT"/fusion/*.py
+rm -rf "$OUT"/fusion/*.py "$OUT"/fusion/_tools
 cp fusion/*.py "$OUT/fusion/"
+cp -r fusion/_tools "$OUT/fusion/"
 so=$(ls "$OUT"/fusion/_C*.so)
 # (grep -c, not grep -q: under pipefail an early exit would fail nm.)
 [ "$(nm -D --undefined-only "$so" | grep -c __asan_report)" -gt 0 ] \

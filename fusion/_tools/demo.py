@@ -1,0 +1,259 @@
+"""The demo behind ``fusion demo`` and ``make demo``: real torchvision models, fused.
+
+Each model is built with random weights (nothing is downloaded), its norms get a
+random affine map, and its BatchNorm statistics are calibrated on random data so
+that they match the data the model then sees (an uncalibrated deep ResNet with
+random weights has activations that are out of scale with its default statistics,
+and its error figures would mean nothing). It is then fused, and the demo measures
+what fusion promises: what was folded and removed, the relative output error
+against the original, and the CPU latency before and after at batch 1.
+
+Like the rest of the library this module computes and formats, and never prints:
+:mod:`fusion.cli` prints.
+"""
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..api import fuse
+from ..report import FusionReport
+from .machine import environment, format_environment, set_threads
+from .models import build, input_shape
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "STEPS",
+    "DemoResult",
+    "environment",
+    "set_threads",
+    "relative_error",
+    "Latency",
+    "measure_latency",
+    "run_model",
+    "format_environment",
+    "format_result",
+    "format_summary",
+]
+
+#: The models ``fusion demo`` runs when none are named.
+DEFAULT_MODELS = ("resnet50", "mobilenet_v2")
+
+Progress = Optional[Callable[[str], None]]
+
+#: How many times :func:`run_model` reports a step to its ``progress`` callback.
+STEPS = 4
+
+
+# --- Models ------------------------------------------------------------------------
+
+
+def relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """``||output - reference||_2 / ||reference||_2``, computed in float64."""
+    ref, out = reference.detach().double(), output.detach().double()
+    return float((out - ref).norm() / ref.norm())
+
+
+@dataclass
+class Latency:
+    """Median seconds per forward of two models timed side by side."""
+
+    first_s: float
+    second_s: float
+    runs: int  # timed runs of each
+
+
+def measure_latency(first: nn.Module, second: nn.Module, x: torch.Tensor,
+                    repeats: Optional[int] = None, budget_s: float = 6.0) -> Latency:
+    """Median latency of two models, timed in interleaved runs.
+
+    Interleaving, with the order swapped every round, spreads slow periods of a
+    shared machine (other processes, frequency changes) over both models
+    instead of charging them to whichever ran second.
+
+    Args:
+        first: a model in eval mode.
+        second: another model, taking the same input.
+        x: the input.
+        repeats: runs of each model; by default as many as fit in ``budget_s``,
+            between 5 and 50.
+        budget_s: the time the timed runs of both models may take, roughly.
+
+    Returns:
+        A :class:`Latency`.
+    """
+    def once(model):
+        start = time.perf_counter()
+        model(x)
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        warm = [once(first), once(second), once(first), once(second)]
+        if repeats is None:
+            per_round = warm[2] + warm[3]
+            repeats = int(min(50, max(5, budget_s / max(per_round, 1e-6))))
+        times_a, times_b = [], []
+        for i in range(repeats):
+            if i % 2 == 0:
+                times_a.append(once(first))
+                times_b.append(once(second))
+            else:
+                times_b.append(once(second))
+                times_a.append(once(first))
+    return Latency(statistics.median(times_a), statistics.median(times_b), repeats)
+
+
+# --- One model -------------------------------------------------------------------
+
+
+@dataclass
+class DemoResult:
+    """What the demo measured on one model.
+
+    Attributes:
+        name: the torchvision model name.
+        parameters_before: parameter elements of the original model.
+        parameters_after: parameter elements of the fused model.
+        report: fuse's :class:`FusionReport` (verified on one example input).
+        rel_err: relative output error of the fused model on fresh inputs.
+        error_samples: how many fresh inputs ``rel_err`` was measured on.
+        latency_before_s: median latency of the original at batch 1.
+        latency_after_s: median latency of the fused model at batch 1.
+        runs: timed runs of each model.
+        fuse_s: how long ``fuse`` took (copy, discovery, fold, verification).
+    """
+
+    name: str
+    parameters_before: int
+    parameters_after: int
+    report: FusionReport
+    rel_err: float
+    error_samples: int
+    latency_before_s: float
+    latency_after_s: float
+    runs: int
+    fuse_s: float
+
+    @property
+    def speedup(self) -> float:
+        return self.latency_before_s / self.latency_after_s
+
+    @property
+    def ok(self) -> bool:
+        """The fresh-input error is within the tolerance fuse calibrated."""
+        tolerance = self.report.tolerance
+        return tolerance is None or self.rel_err <= tolerance
+
+
+def _count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run_model(name: str, *, repeats: Optional[int] = None, seed: int = 0,
+              progress: Progress = None) -> DemoResult:
+    """Builds, calibrates, fuses, checks and times one torchvision model.
+
+    Args:
+        name: a model builder in ``torchvision.models``.
+        repeats: timed runs of each model; by default as many as fit in a few
+            seconds.
+        seed: the seed of the weights and data.
+        progress: called with a short description as each step starts.
+
+    Returns:
+        A :class:`DemoResult`.
+
+    Raises:
+        ValueError: ``name`` is not a torchvision model builder.
+        FusionError: fusion or its verification failed.
+    """
+    step = progress or (lambda what: None)
+    step(f"{name}: building, calibrating BatchNorm")
+    model = build(name, seed, shape=input_shape(name, batch=8))
+    gen = torch.Generator().manual_seed(seed + 3)
+    example = torch.randn(input_shape(name), generator=gen)
+    fresh = torch.randn(input_shape(name, batch=4), generator=gen)
+
+    step(f"{name}: fusing and verifying")
+    start = time.perf_counter()
+    fused, report = fuse(model, example_inputs=example, return_report=True)
+    fuse_s = time.perf_counter() - start
+
+    step(f"{name}: measuring the error")
+    with torch.no_grad():
+        rel_err = relative_error(model(fresh), fused(fresh))
+    step(f"{name}: timing")
+    latency = measure_latency(model, fused, example, repeats)
+    return DemoResult(name, _count(model), _count(fused), report, rel_err,
+                      fresh.shape[0], latency.first_s, latency.second_s, latency.runs,
+                      fuse_s)
+
+
+# --- Formatting --------------------------------------------------------------------
+
+
+def _wrapped(items: Sequence[str], indent: int, width: int = 100) -> List[str]:
+    """Items joined by ", " in lines of at most ``width`` columns."""
+    lines, line = [], ""
+    for item in items:
+        piece = item if not line else ", " + item
+        if line and indent + len(line) + len(piece) > width:
+            lines.append(line + ",")
+            line = item
+        else:
+            line += piece
+    if line:
+        lines.append(line)
+    return [" " * indent + text for text in lines]
+
+
+def _pairs(report: FusionReport) -> List[str]:
+    """Each fused pair as "layer+norm" (norm after) or "norm+layer" (before)."""
+    return [f"{p.layer}+{p.norm}" if p.direction == "after" else f"{p.norm}+{p.layer}"
+            for p in report.fused]
+
+
+def format_result(res: DemoResult) -> str:
+    """A block of lines describing one model's result."""
+    r = res.report
+    removed_p, removed_b = sum(r.removed_parameters.values()), r.buffers_removed
+    added = sum(r.added_parameters.values())
+    verified = ("" if r.rel_err is None else
+                f"; fuse verified {r.rel_err:.2g} <= {r.tolerance:.2g} "
+                f"on its example input")
+    lines = [f"{res.name}", f"  pairs fused      {len(r.fused)}:"]
+    lines += _wrapped(_pairs(r), 4)
+    lines.append(f"  norms left       {len(r.left)}" + (":" if r.left else ""))
+    lines += _wrapped([f"{n.norm} ({n.reason})" for n in r.left], 4)
+    lines += [
+        f"  removed          {removed_p:,} parameters in {len(r.removed_parameters)} "
+        f"tensors, {removed_b:,} buffer elements in {len(r.removed_buffers)} tensors",
+        f"  added            {added:,} bias parameters in {len(r.added_parameters)} "
+        f"tensors",
+        f"  parameters       {res.parameters_before:,} -> {res.parameters_after:,} "
+        f"({res.parameters_after - res.parameters_before:+,})",
+        f"  rel_err          {res.rel_err:.2g} on {res.error_samples} fresh inputs"
+        f"{verified}" + ("" if res.ok else "  ** ABOVE TOLERANCE **"),
+        f"  latency, batch 1 {res.latency_before_s * 1e3:.1f} ms -> "
+        f"{res.latency_after_s * 1e3:.1f} ms ({res.speedup:.2f}x), median of "
+        f"{res.runs} interleaved runs each",
+        f"  fuse() took      {res.fuse_s:.2f} s (copy, discovery, fold, verification)",
+    ]
+    return "\n".join(lines)
+
+
+def format_summary(results: Sequence[DemoResult]) -> str:
+    """An aligned table of every model's headline figures."""
+    head = ("model", "fused", "left", "net params removed", "rel_err", "before ms",
+            "after ms", "speedup")
+    rows = [(r.name, str(len(r.report.fused)), str(len(r.report.left)),
+             f"{r.report.parameters_reduced:,}", f"{r.rel_err:.2g}",
+             f"{r.latency_before_s * 1e3:.1f}", f"{r.latency_after_s * 1e3:.1f}",
+             f"{r.speedup:.2f}x") for r in results]
+    widths = [max(len(row[i]) for row in rows + [head]) for i in range(len(head))]
+    fmt = "  ".join(("{:<%d}" if i == 0 else "{:>%d}") % w for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+                     + [fmt.format(*row) for row in rows])
