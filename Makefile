@@ -45,6 +45,8 @@ DEBS_OLDEST := python3-torch libtorch-dev python3-torchvision python3-dev \
         python3-setuptools python3-pytest python3-numpy python3-venv \
         python3-onnx python3-matplotlib python3-tqdm python3-psutil \
         libopenblas0-pthread build-essential
+# The headless browser that renders the notebook report in tests/test_report_html.py.
+DEBS_BROWSER := chromium
 DEBS_TOOLS := build-essential clang libclang-rt-14-dev libfuzzer-14-dev valgrind flake8 \
         clang-format
 
@@ -59,7 +61,7 @@ export YOLO_CONFIG_DIR := $(CURDIR)/build/yolo-config
 
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-oldest deps deps-tools extras extras-oldest venv venv-oldest install install-oldest test \
+.PHONY: setup setup-oldest deps deps-browser deps-tools extras extras-oldest venv venv-oldest install install-oldest test \
         test-python test-c test-oldest test-ids demo bench bench-full fuzz \
         test-sanitize test-sanitize-oldest valgrind lint format clean
 
@@ -122,7 +124,7 @@ install: $(STAMPS)/extras
 
 test: test-c test-python
 
-test-python: install
+test-python: install $(STAMPS)/deps-browser
 	$(PY) -P -m pytest -q $(PYTEST_ARGS)
 
 demo: install
@@ -160,6 +162,10 @@ deps: $(STAMPS)/deps
 $(STAMPS)/deps: Makefile
 	$(call apt_install,$(DEBS_OLDEST))
 
+deps-browser: $(STAMPS)/deps-browser
+$(STAMPS)/deps-browser: Makefile
+	$(call apt_install,$(DEBS_BROWSER))
+
 deps-tools: $(STAMPS)/deps-tools
 $(STAMPS)/deps-tools: Makefile
 	$(call apt_install,$(DEBS_TOOLS))
@@ -176,7 +182,7 @@ $(STAMPS)/extras-oldest: $(STAMPS)/venv-oldest Makefile
 setup-oldest install-oldest: $(STAMPS)/extras-oldest
 	$(call install_into,$(PY_OLDEST))
 
-test-oldest: install-oldest
+test-oldest: install-oldest $(STAMPS)/deps-browser
 	@$(PY_OLDEST) -c 'import torch, torchvision; print("Testing on the oldest supported torch:", torch.__version__, "torchvision", torchvision.__version__)'
 	$(PY_OLDEST) -P -m pytest -q $(PYTEST_ARGS)
 

@@ -216,15 +216,16 @@ def parse_synthetic(name):
 
 
 def build_model(name, cache_dir=None):
-    """A zoo model (tests/zoo.py: random weights, calibrated BatchNorm) or a
-    synthetic stack ("synthetic-256MB"). Zoo models are cached in cache_dir
-    as pickled modules, so that subprocesses need not calibrate again."""
+    """A zoo model (fusion._tools.models: random weights, calibrated BatchNorm)
+    or a synthetic stack ("synthetic-256MB"). Zoo models are cached in
+    cache_dir as pickled modules, so that subprocesses need not calibrate again
+    (this run wrote them: loading them whole, weights_only=False, is safe)."""
     mb = parse_synthetic(name)
     if mb is not None:
         return synthetic_stack(mb)
     path = os.path.join(cache_dir, f"{name}.pt") if cache_dir else None
     if path and os.path.exists(path):
-        return torch.load(path).eval()
+        return torch.load(path, weights_only=False).eval()
     model = zoo.build(name)
     if path:
         os.makedirs(cache_dir, exist_ok=True)

@@ -24,6 +24,11 @@ log = logging.getLogger("fusion")
 
 PLAN_VERSION = 1
 
+_INFERENCE_NOTE = ("fused under torch.inference_mode(): the tensors fusion made (a copy "
+                   "of the model, added biases) are inference tensors, so the fused "
+                   "model runs only under inference_mode; fuse outside it to get an "
+                   "ordinary model")
+
 
 def _check_model(model, name="model"):
     if not isinstance(model, nn.Module):
@@ -192,10 +197,25 @@ def _discover(target, args) -> Evidence:
     return evidence
 
 
+def _listing(left, shown=5) -> str:
+    """The left norms, each with its reason; by reason with the first few names
+    when there are many."""
+    if len(left) <= shown:
+        return "; ".join(f"{n.norm} ({n.reason})" for n in left)
+    by_reason: Dict[str, List[str]] = {}
+    for n in left:
+        by_reason.setdefault(n.reason, []).append(n.norm)
+    parts = []
+    for reason, names in by_reason.items():
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        parts.append(f"{len(names)} {reason} ({', '.join(names[:3])}{more})")
+    return "; ".join(parts)
+
+
 def _check_strict(strict, plan: Plan, preparation: rewrite.Preparation):
     left = plan.left + preparation.overflow
     if strict and left:
-        listing = "; ".join(f"{n.norm} ({n.reason})" for n in left)
+        listing = _listing(left)
         raise FusionError(
             f"strict=True and {len(left)} norm(s) would be left unfused: {listing}. "
             f"Pass example_inputs, or strict=False to accept.", left[0].norm, "strict")
@@ -348,9 +368,16 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
     if was_training:
         notes.append("the model was in training mode; it was fused with eval-mode "
                      "semantics (running statistics) and the result is in eval mode")
+    if torch.is_inference_mode_enabled():
+        notes.append(_INFERENCE_NOTE)
+        log.warning("%s", _INFERENCE_NOTE)
     report = _report(target, _Stages(plan, preparation, replaced, notes, verification))
     log.info("BatchNorm fusion completed. %d parameters were reduced after fusion.",
              report.parameters_reduced)
+    if report.left:
+        log.info("%d norm(s) were left unfused (%s); the report says why "
+                 "(return_report=True, or fusion.analyze).", len(report.left),
+                 _listing(report.left, shown=3))
     return (target, report) if return_report else target
 
 
@@ -422,6 +449,27 @@ def fuse_conv_and_bn(conv, bn):
     return fused
 
 
+def _as_plan(plan) -> Dict:
+    """report.plan from a FusionReport, a report's dict or JSON text (as
+    ``fusion fuse --report`` writes it), a plan dict or a plan's JSON text."""
+    if isinstance(plan, FusionReport):
+        plan = plan.plan
+    if isinstance(plan, (str, bytes)):
+        try:
+            plan = json.loads(plan)
+        except ValueError as exc:
+            raise TypeError(f"plan is a string but not JSON ({exc}); pass the report, "
+                            f"report.plan, or the JSON text of either") from None
+    whole_report = isinstance(plan, dict) and "folds" not in plan
+    if whole_report and isinstance(plan.get("plan"), dict):
+        plan = plan["plan"]
+    if not isinstance(plan, dict) or "folds" not in plan:
+        raise TypeError("plan must be a FusionReport, report.plan, a report's dict "
+                        "(report.to_dict(), or json.load of fusion fuse --report), or "
+                        "the JSON text of any of these")
+    return plan
+
+
 def apply_plan(model, plan):
     """Give a freshly built model the fused structure, computing nothing.
 
@@ -431,18 +479,15 @@ def apply_plan(model, plan):
 
     Args:
         model: an unfused model of the same architecture.
-        plan: ``report.plan`` of the fusion, a :class:`FusionReport`, or its JSON.
+        plan: ``report.plan`` of the fusion, a :class:`FusionReport`, a report's
+            dict (``report.to_dict()``, or ``json.load`` of the file that ``fusion
+            fuse --report`` writes), or the JSON text of any of these.
 
     Returns:
         ``model``, changed in place and in eval mode.
     """
     _check_model(model)
-    if isinstance(plan, FusionReport):
-        plan = plan.plan
-    if isinstance(plan, str):
-        plan = json.loads(plan)
-    if not isinstance(plan, dict) or "folds" not in plan:
-        raise TypeError("plan must be a FusionReport, report.plan, or its JSON")
+    plan = _as_plan(plan)
     if plan.get("version") != PLAN_VERSION:
         raise FusionError(f"plan version {plan.get('version')} is not supported "
                           f"(expected {PLAN_VERSION}).", None, "plan")

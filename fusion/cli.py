@@ -8,8 +8,8 @@ Exit codes:
     0: done.
     1: fusion failed (a ``FusionError``), verification exceeded the tolerance, or
        ``--strict`` found norms left unfused.
-    2: a usage error, or a file that cannot be read (or an output that cannot be
-       written).
+    2: a usage error, a file that cannot be read (or an output that cannot be
+       written), or example inputs the model does not run on.
 """
 import argparse
 import contextlib
@@ -98,6 +98,20 @@ def _read(path: str, what: str, *, trusted: bool) -> Any:
             f"{path}: cannot load {what}: {_first_line(exc)}; the module that defines "
             f"the model's class must be importable (run from its directory or set "
             f"PYTHONPATH)") from exc
+    except AttributeError as exc:
+        # the class was looked up in the running program's __main__ (fusion's own,
+        # under `python -m fusion`), since pickle recorded __main__ as its module
+        found = re.search(r"Can't get attribute '([^']+)' on <module '[\w.]*__main__'",
+                          str(exc))
+        if found is None:
+            raise UsageError(f"{path}: cannot load {what}: {_first_line(exc)}") from exc
+        raise UsageError(
+            f"{path}: cannot load {what}: its class {found.group(1)} was defined in the "
+            f"script that saved it (module __main__), which no other program can "
+            f"import. Move the class into a module, save the weights with "
+            f"torch.save(model.state_dict(), 'weights.pt'), and pass the factory: "
+            f"fusion fuse yourmodule:{found.group(1)} --weights weights.pt -o OUT") \
+            from exc
     except Exception as exc:  # torch.load raises many types for a bad file
         text = str(exc)
         if not trusted and "WeightsUnpickler error:" in text:
@@ -136,11 +150,28 @@ def _import_factory(spec: str):
     return obj
 
 
-def load_source(spec: str) -> nn.Module:
+def parse_factory_kwargs(text: str) -> dict:
+    """``--factory-kwargs``: a JSON object of keyword arguments (``null`` is None),
+    parsed as JSON, never evaluated."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: must be a JSON object, e.g. '{{\"weights_backbone\": null}}'")
+    return value
+
+
+def load_source(spec: str, factory_kwargs: Optional[dict] = None) -> nn.Module:
     """The model named by SRC: a file saved with ``torch.save(model)``, or a factory.
 
     Args:
-        spec: a path, or ``package.module:callable``, called with no arguments.
+        spec: a path, or ``package.module:callable``.
+        factory_kwargs: the keyword arguments a factory is called with (none by
+            default); an error for a file.
 
     Returns:
         The model, on the CPU.
@@ -150,6 +181,9 @@ def load_source(spec: str) -> nn.Module:
             called, or the result is not an ``nn.Module``.
     """
     if os.path.exists(spec) or not _FACTORY.match(spec):
+        if factory_kwargs:
+            raise UsageError(f"{spec}: --factory-kwargs applies to a factory "
+                             f"(package.module:callable), not to a saved model")
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())  # where pickled classes are looked up
         obj = _read(spec, "the model", trusted=True)
@@ -161,12 +195,17 @@ def load_source(spec: str) -> nn.Module:
         what = spec
     else:
         factory = _import_factory(spec)
+        kwargs = factory_kwargs or {}
+        shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
         try:
-            obj = factory()
+            obj = factory(**kwargs)
         except Exception as exc:
-            raise UsageError(f"{spec}: calling it with no arguments raised "
-                             f"{_first_line(exc)}") from exc
-        what = f"{spec}()"
+            hint = ("" if kwargs else "; give it arguments with --factory-kwargs "
+                    "'{\"name\": value}' (JSON)")
+            raise UsageError(f"{spec}: calling it with "
+                             f"{'(' + shown + ')' if kwargs else 'no arguments'} raised "
+                             f"{_first_line(exc)}{hint}") from exc
+        what = f"{spec}({shown})"
     if not isinstance(obj, nn.Module):
         raise UsageError(f"{what}: holds a {type(obj).__name__}, not a torch.nn.Module")
     return obj
@@ -393,6 +432,15 @@ def _inputs_from(args):
     return make_example_inputs(args.example_input, args.example_inputs)
 
 
+def _load_model(args) -> nn.Module:
+    """SRC with its --weights, in eval mode: a factory builds a model in training
+    mode, and fusing is for inference, so the CLI says nothing about it."""
+    model = load_source(args.src, args.factory_kwargs)
+    if args.weights:
+        load_weights(model, args.weights)
+    return model.eval()
+
+
 def _cmd_fuse(args, progress: _Progress) -> int:
     from .api import fuse
 
@@ -408,9 +456,7 @@ def _cmd_fuse(args, progress: _Progress) -> int:
         _check_writable(args.report, "--report")
     progress.start(3)
     progress.step(f"loading {args.src}")
-    model = load_source(args.src)
-    if args.weights:
-        load_weights(model, args.weights)
+    model = _load_model(args)
     inputs = _inputs_from(args)
     verify = args.verify if args.verify is not None else inputs is not None
     progress.step("fusing and verifying" if verify else "fusing")
@@ -441,9 +487,7 @@ def _cmd_analyze(args, progress: _Progress) -> int:
 
     progress.start(2)
     progress.step(f"loading {args.src}")
-    model = load_source(args.src)
-    if args.weights:
-        load_weights(model, args.weights)
+    model = _load_model(args)
     inputs = _inputs_from(args)
     progress.step("analyzing")
     report = analyze(model, example_inputs=inputs)
@@ -486,7 +530,7 @@ def _cmd_demo(args, progress: _Progress) -> int:
     for name in names:
         result = demo.run_model(name, repeats=args.repeats, progress=progress.step)
         progress.print()
-        progress.print(demo.format_result(result))
+        progress.print(demo.format_result(result, verbose=args.verbose))
         results.append(result)
     progress.close()
     print()
@@ -521,22 +565,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _add_source(p: argparse.ArgumentParser) -> None:
+def _add_source(p: argparse.ArgumentParser, verifies: bool) -> None:
     p.add_argument("src", metavar="SRC",
                    help="a model saved with torch.save(model) (trusted files only: it is "
                         "unpickled; loaded onto the CPU), or a factory "
-                        "package.module:callable called with no arguments, e.g. "
-                        "torchvision.models:resnet50")
+                        "package.module:callable, e.g. torchvision.models:resnet50, "
+                        "called with --factory-kwargs (none by default)")
     p.add_argument("--weights", metavar="FILE",
                    help="a state_dict (torch.save(model.state_dict())) to load into the "
                         "model before fusing")
+    p.add_argument("--factory-kwargs", metavar="JSON", type=parse_factory_kwargs,
+                   help="keyword arguments for a factory SRC, as a JSON object, e.g. "
+                        "'{\"weights_backbone\": null}' (null is None)")
     inputs = p.add_mutually_exclusive_group()
     inputs.add_argument("--example-input", metavar="SHAPE[:DTYPE]", action="append",
                         type=parse_example_input,
                         help="a random input (torch.randn, fixed seed) of this shape, e.g. "
                              "1,3,224,224 or 1,3,224,224:float16; it proves folds in "
-                             "models torch.fx cannot trace and feeds verification. Repeat "
-                             "for a model that takes several positional arguments")
+                             "models torch.fx cannot trace"
+                             + (" and feeds verification" if verifies else "")
+                             + ". Repeat for a model that takes several positional "
+                               "arguments")
     inputs.add_argument("--example-inputs", metavar="FILE.pt",
                         help="inputs saved with torch.save: a tensor (the argument), a "
                              "tuple (the positional arguments) or a list (one argument, "
@@ -561,7 +610,8 @@ examples:
   fusion demo --models resnet50,mobilenet_v2 --threads 2
 
 exit status: 0 done; 1 fusion failed, verification exceeded the tolerance, or
---strict found norms left; 2 usage error or unreadable file.
+--strict found norms left; 2 usage error, unreadable file, or example inputs the
+model does not run on.
 """
 
 _FUSE_EPILOG = f"""\
@@ -600,6 +650,15 @@ counts of torch and of the BLAS are printed with it.
 """
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help at the terminal's width, or 100 columns where there is no terminal
+    (argparse's default, 80 less the option column, leaves help about 50 wide)."""
+
+    def __init__(self, prog):
+        width = shutil.get_terminal_size((100, 24)).columns
+        super().__init__(prog, width=max(60, min(width, 120)) - 2, max_help_position=30)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fusion`` command.
 
@@ -608,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
     """
     from . import __version__
 
-    fmt = argparse.RawDescriptionHelpFormatter
+    fmt = _Formatter
     parser = argparse.ArgumentParser(
         prog=_PROG, formatter_class=fmt, epilog=_MAIN_EPILOG,
         description="Fold BatchNorm layers into the conv and linear layers next to them.")
@@ -616,12 +675,13 @@ def build_parser() -> argparse.ArgumentParser:
                         version=f"%(prog)s {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    parser.commands = {}  # name -> its parser, for errors in its own usage
 
     p = sub.add_parser("fuse", formatter_class=fmt, epilog=_FUSE_EPILOG,
                        help="fuse a model and save it",
                        description="Fuse a model's BatchNorm layers and save the fused "
                                    "model with torch.save.")
-    _add_source(p)
+    _add_source(p, verifies=True)
     p.add_argument("-o", "--output", metavar="OUT", required=True,
                    help="where to save the fused model (torch.save of the whole model)")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
@@ -639,15 +699,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the report as JSON to this file")
     _add_common(p)
     p.set_defaults(run=_cmd_fuse)
+    parser.commands["fuse"] = p
 
     p = sub.add_parser("analyze", formatter_class=fmt, epilog=_ANALYZE_EPILOG,
                        help="show what fuse would do, changing nothing",
                        description="A dry run: the pairs that would be folded, the norms\n"
                                    "that would be left and why, and the parameters and\n"
                                    "buffers that would be removed.")
-    _add_source(p)
+    _add_source(p, verifies=False)
     _add_common(p, "print no progress (the table or JSON still)")
     p.set_defaults(run=_cmd_analyze)
+    parser.commands["analyze"] = p
 
     p = sub.add_parser("demo", formatter_class=fmt, epilog=_DEMO_EPILOG,
                        help="fuse real torchvision models and measure them",
@@ -661,8 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive_int, metavar="N",
                    help="timed runs of each model (default: as many as fit in a few "
                         "seconds)")
+    p.add_argument("--verbose", action="store_true",
+                   help="list every pair fused and every norm left (default: grouped "
+                        "by top-level module, and the first few left norms)")
     _add_common(p, "print no progress or log messages (the results still)")
     p.set_defaults(run=_cmd_demo)
+    parser.commands["demo"] = p
     return parser
 
 
@@ -680,7 +746,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # in the command's own usage, not the top-level one
+            parser.commands[args.command].error(
+                f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exc:  # argparse exits 2 on errors, 0 after --help
         return int(exc.code or 0)
     quiet = getattr(args, "quiet", False)
@@ -698,7 +767,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         code, message, error = EXIT_USAGE, str(exc), exc
     except FusionError as exc:
-        code, message, error = EXIT_FAILED, str(exc), exc
+        # the forward failed on the inputs given on the command line: a usage error
+        usage = exc.code == "example_inputs"
+        code, message, error = EXIT_USAGE if usage else EXIT_FAILED, str(exc), exc
     except KeyboardInterrupt as exc:
         code, message, error = 130, "interrupted", exc
     except Exception as exc:

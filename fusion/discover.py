@@ -126,6 +126,7 @@ class _Recorder:
         self.names = canonical_names(model)
         self.flow = Flow("recorded")
         self.stack: List[Call] = []
+        self.entered: List[tuple] = []  # (module, its first argument), beside stack
         # id(tensor) -> (Call, weakref). The entry goes when the tensor dies, so
         # that an id reused by a later tensor is never mistaken for it, and the
         # run keeps no activation alive.
@@ -150,6 +151,7 @@ class _Recorder:
                 call.src = found
                 found.users.append(call)
         self.stack.append(call)
+        self.entered.append((module, args[0] if args else None))
 
     def _found(self, t) -> Optional[Call]:
         entry = self.origin.get(id(t))
@@ -159,6 +161,7 @@ class _Recorder:
 
     def post_hook(self, module, args, output):
         call = self.stack.pop()
+        self.entered.pop()
         if isinstance(output, torch.Tensor):
             key = id(output)
             origin = self.origin
@@ -192,6 +195,36 @@ _VALUE_READS = {
 }
 
 
+def _misfit(module, x) -> Optional[str]:
+    """How input ``x`` does not fit a layer's channels or dtype, or None."""
+    if not (is_layer(module) and isinstance(x, torch.Tensor)):
+        return None
+    linear = isinstance(module, nn.Linear)
+    want = module.in_features if linear else module.in_channels
+    dim = -1 if linear else 1
+    got = x.shape[dim] if x.dim() > (0 if linear else 1) else None
+    dtype = module.weight.dtype
+    if got == want and x.dtype == dtype:
+        return None
+    return (f"it takes {want} input {'features (last dim)' if linear else 'channels (dim 1)'}"
+            f" of {dtype}, and got a tensor of shape {tuple(x.shape)} of {x.dtype}")
+
+
+def _forward_error(name, module, x, exc) -> FusionError:
+    """The forward failed inside ``module``: blame the inputs when they do not fit
+    it, else the module's state."""
+    misfit = _misfit(module, x)
+    if misfit is not None:
+        advice = (f"The example inputs do not fit this layer: {misfit}. Check that the "
+                  f"model runs on these inputs: pass inputs of that shape and dtype.")
+    else:
+        advice = ("Check that the model runs on these inputs; if it does not, fix this "
+                  "module's state (e.g. reload its state_dict) or the inputs.")
+    return FusionError(f"{name}: the forward on example_inputs raised "
+                       f"{type(exc).__name__} inside this module: {exc}. {advice}",
+                       name, "example_inputs")
+
+
 def flow_from_run(model, example_inputs):
     """Runs ``model(*example_inputs)`` once under a recorder.
 
@@ -220,12 +253,8 @@ def flow_from_run(model, example_inputs):
             if not rec.stack:
                 raise
             # Tracked modules are leaves: one still running is where it failed.
-            name = rec.stack[-1].name
-            raise FusionError(
-                f"{name}: the forward on example_inputs raised {type(exc).__name__} "
-                f"inside this module: {exc}. Check that the model runs on these "
-                f"inputs; if it does not, fix this module's state (e.g. reload its "
-                f"state_dict) or the inputs.", name, "example_inputs") from exc
+            module, x = rec.entered[-1]
+            raise _forward_error(rec.stack[-1].name, module, x, exc) from exc
         rec.finish(output)
     finally:
         for h in handles:

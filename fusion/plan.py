@@ -27,6 +27,9 @@ from .layers import (
 
 __all__ = ["REASONS"]
 
+#: How reports name a model that is itself a norm (its qualified name is "").
+ROOT = "(model)"
+
 #: Why a norm is left unfused. Each code is documented in the README.
 REASONS = {
     "not_after_producer": "its input is not the output of a conv or linear layer, "
@@ -490,6 +493,10 @@ def make_plan(model, flows: List[Flow]) -> Plan:
     by_layer: Dict[str, Fold] = {}
     for name, module in model.named_modules():
         if not is_norm_module(module):
+            continue
+        if name == "":
+            plan.left.append(Left(ROOT, "not_after_producer", "the model is this norm "
+                                  "alone: there is no layer to fold it into"))
             continue
         outcome = _reason(name, module, ctx, by_layer)
         if isinstance(outcome, Reason):

@@ -138,14 +138,62 @@ class FusionReport:
     def __repr__(self):
         return f"<FusionReport {self._summary()}>"
 
+    def _reasons(self) -> Dict[str, int]:
+        """How many norms are left for each reason, most common first."""
+        counts: Dict[str, int] = {}
+        for n in self.left:
+            counts[n.reason] = counts.get(n.reason, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
     def _repr_html_(self):
+        """The report in a notebook: a summary, then the norms left (what people
+        look for), then the fused pairs, folded away in a <details>. Text takes
+        the page's own colour; only translucent greys are added, so it reads on
+        Jupyter's light and dark themes alike."""
         esc = html.escape
-        body = "".join(
-            "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in r) + "</tr>"
-            for r in self.rows())
-        notes = "".join(f"<li>{esc(n)}</li>" for n in self.notes)
-        return (f"<div><p><b>FusionReport</b>: {esc(self._summary())}</p>"
-                f"<table><thead><tr><th>status</th><th>norm</th>"
-                f"<th>layer / reason</th><th>detail</th></tr></thead>"
-                f"<tbody>{body}</tbody></table>"
-                + (f"<ul>{notes}</ul>" if notes else "") + "</div>")
+        cell = "padding:2px 10px 2px 0;text-align:left;vertical-align:top;" \
+               "border-bottom:1px solid rgba(127,127,127,.35)"
+        code = "background:rgba(127,127,127,.18);padding:0 3px;border-radius:3px"
+
+        def table(head, rows):
+            th = "".join(f'<th style="{cell}">{esc(h)}</th>' for h in head)
+            body = "".join("<tr>" + "".join(f'<td style="{cell}">{c}</td>' for c in r)
+                           + "</tr>" for r in rows)
+            return (f'<table style="border-collapse:collapse;margin:4px 0">'
+                    f"<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>")
+
+        verb = "would fuse" if self.dry_run else "fused"
+        reasons = ", ".join(f'<code style="{code}">{esc(r)}</code> {n}'
+                            for r, n in self._reasons().items())
+        removed = "to remove" if self.dry_run else "removed"
+        if self.rel_err is not None:
+            verified = (f"verified: rel_err {self.rel_err:.3g} &le; tolerance "
+                        f"{self.tolerance:.3g}")
+        else:
+            verified = "not verified (pass example_inputs to verify)"
+        items = [f"{verb} {len(self.fused)} norm(s)",
+                 f"left {len(self.left)}" + (f": {reasons}" if reasons else ""),
+                 f"{self.parameters_reduced:,} parameters {removed} (net), "
+                 f"{self.buffers_removed:,} buffer elements",
+                 verified]
+        if self.evidence:
+            items.append(f"evidence: {esc(', '.join(self.evidence))}")
+        parts = ['<div class="fusion-report" style="line-height:1.45">',
+                 "<p style=\"margin:0 0 4px 0\"><b>FusionReport</b></p>",
+                 '<ul style="margin:0 0 6px 0;padding-left:20px">'
+                 + "".join(f"<li>{i}</li>" for i in items) + "</ul>"]
+        if self.left:
+            parts.append(f'<p style="margin:6px 0 0 0"><b>Left ({len(self.left)})</b></p>')
+            parts.append(table(("norm", "reason", "detail"), [
+                (esc(n.norm), f'<code style="{code}">{esc(n.reason)}</code>',
+                 esc(n.detail)) for n in self.left]))
+        if self.fused:
+            rows = [(esc(p.norm), esc(p.layer), esc(how)) for p, how in
+                    zip(self.fused, (r[3] for r in self.rows()))]
+            parts.append(f'<details style="margin:6px 0"><summary style="cursor:pointer">'
+                         f"<b>Fused ({len(self.fused)})</b></summary>"
+                         + table(("norm", "layer", "how"), rows) + "</details>")
+        if self.notes:
+            parts.append('<ul style="margin:4px 0;padding-left:20px;opacity:.9">' + "".join(
+                f"<li>note: {esc(n)}</li>" for n in self.notes) + "</ul>")
+        return "".join(parts) + "</div>"

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 __all__ = ["SmallNet", "UnfusableNet", "TwoInputNet", "ListInputNet", "LinearNet",
-           "calibrated", "small_net", "broken_factory", "not_a_model"]
+           "calibrated", "small_net", "broken_factory", "not_a_model", "sized_net"]
 
 
 class SmallNet(nn.Module):
@@ -100,3 +100,9 @@ class LinearNet(nn.Module):
 
     def forward(self, x):
         return self.bn(self.fc(x))
+
+
+def sized_net(width, bias=True):
+    """A factory that takes arguments, for --factory-kwargs."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, width, 3, bias=bias), nn.BatchNorm2d(width))

@@ -20,6 +20,7 @@ from fusion.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main, make_example_inpu
     parse_example_input
 
 TESTS = Path(__file__).resolve().parent
+REPO_README = TESTS.parent / "README.md"
 CONSOLE = Path(sys.executable).parent / "fusion"
 
 
@@ -199,13 +200,21 @@ def test_demo_runs_and_prints_latency(tmp_path):
                cwd=tmp_path, timeout=300)
     assert proc.returncode == EXIT_OK, proc.stderr
     out = proc.stdout
-    assert "torch " in out and "1 thread(s)" in out and "BLAS" in out
+    assert "torch " in out and "1 thread(s)" in out and out.count("BLAS:") == 1
     assert "pairs fused      20:" in out and "norms left       0" in out
-    assert "conv1+bn1" in out and "layer4.1.conv2+layer4.1.bn2" in out
-    assert "removed          9,600 parameters" in out
-    assert "latency, batch 1" in out and " ms -> " in out
+    # the figures first, then the pairs, grouped by top-level module
+    assert out.index("rel_err") < out.index("latency, batch 1") < out.index("pairs fused")
+    assert "conv1+bn1" in out and "layer4.*: 5" in out and "(--verbose lists" in out
+    assert "layer4.1.conv2+layer4.1.bn2" not in out
+    assert "removed 9,600 in 40 tensors" in out
+    assert " ms -> " in out
     rel = float(out.split("rel_err", 1)[1].split()[0])
     assert 0 < rel < 1e-4
+    verbose = run("demo", "--models", "resnet18", "--repeats", "2", "--verbose",
+                  cwd=tmp_path, timeout=300)
+    assert verbose.returncode == EXIT_OK, verbose.stderr
+    assert "layer4.1.conv2+layer4.1.bn2" in verbose.stdout
+    assert "layer4.*" not in verbose.stdout
 
 
 # --- In process: argument handling ------------------------------------------------------

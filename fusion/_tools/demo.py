@@ -51,10 +51,16 @@ STEPS = 4
 # --- Models ------------------------------------------------------------------------
 
 
-def relative_error(reference: torch.Tensor, output: torch.Tensor) -> float:
-    """``||output - reference||_2 / ||reference||_2``, computed in float64."""
+def relative_error(reference: torch.Tensor, output: torch.Tensor) -> Optional[float]:
+    """``||output - reference||_2 / ||reference||_2``, computed in float64; None
+    when the reference is all zeros (a randomly initialised ViT's head is) and
+    the output is too: there is nothing to compare. An output that is not zero
+    against a zero reference is infinitely wrong."""
     ref, out = reference.detach().double(), output.detach().double()
-    return float((out - ref).norm() / ref.norm())
+    size, diff = float(ref.norm()), float((out - ref).norm())
+    if size == 0:
+        return None if diff == 0 else float("inf")
+    return diff / size
 
 
 @dataclass
@@ -118,7 +124,8 @@ class DemoResult:
         parameters_before: parameter elements of the original model.
         parameters_after: parameter elements of the fused model.
         report: fuse's :class:`FusionReport` (verified on one example input).
-        rel_err: relative output error of the fused model on fresh inputs.
+        rel_err: relative output error of the fused model on fresh inputs, or
+            None where both outputs are all zeros (nothing to compare).
         error_samples: how many fresh inputs ``rel_err`` was measured on.
         latency_before_s: median latency of the original at batch 1.
         latency_after_s: median latency of the fused model at batch 1.
@@ -130,7 +137,7 @@ class DemoResult:
     parameters_before: int
     parameters_after: int
     report: FusionReport
-    rel_err: float
+    rel_err: Optional[float]
     error_samples: int
     latency_before_s: float
     latency_after_s: float
@@ -145,7 +152,11 @@ class DemoResult:
     def ok(self) -> bool:
         """The fresh-input error is within the tolerance fuse calibrated."""
         tolerance = self.report.tolerance
-        return tolerance is None or self.rel_err <= tolerance
+        return self.rel_err is None or tolerance is None or self.rel_err <= tolerance
+
+    @property
+    def rel_err_text(self) -> str:
+        return "n/a" if self.rel_err is None else f"{self.rel_err:.2g}"
 
 
 def _count(model) -> int:
@@ -216,32 +227,53 @@ def _pairs(report: FusionReport) -> List[str]:
             for p in report.fused]
 
 
-def format_result(res: DemoResult) -> str:
-    """A block of lines describing one model's result."""
+def _grouped(names: Sequence[str], key) -> List[str]:
+    """Names grouped by their first dotted component: "layer1.*: 6" for a group,
+    the name itself for a group of one."""
+    groups = {}
+    for n in names:
+        groups.setdefault(key(n).split(".")[0], []).append(n)
+    return [items[0] if len(items) == 1 else f"{head}.*: {len(items)}"
+            for head, items in groups.items()]
+
+
+def format_result(res: DemoResult, verbose: bool = False) -> str:
+    """A block of lines describing one model's result: the figures first, then
+    the pairs fused (grouped by top-level module unless ``verbose``) and the
+    norms left, each with its reason."""
     r = res.report
     removed_p, removed_b = sum(r.removed_parameters.values()), r.buffers_removed
     added = sum(r.added_parameters.values())
     verified = ("" if r.rel_err is None else
                 f"; fuse verified {r.rel_err:.2g} <= {r.tolerance:.2g} "
                 f"on its example input")
-    lines = [f"{res.name}", f"  pairs fused      {len(r.fused)}:"]
-    lines += _wrapped(_pairs(r), 4)
-    lines.append(f"  norms left       {len(r.left)}" + (":" if r.left else ""))
-    lines += _wrapped([f"{n.norm} ({n.reason})" for n in r.left], 4)
-    lines += [
-        f"  removed          {removed_p:,} parameters in {len(r.removed_parameters)} "
-        f"tensors, {removed_b:,} buffer elements in {len(r.removed_buffers)} tensors",
-        f"  added            {added:,} bias parameters in {len(r.added_parameters)} "
-        f"tensors",
-        f"  parameters       {res.parameters_before:,} -> {res.parameters_after:,} "
-        f"({res.parameters_after - res.parameters_before:+,})",
-        f"  rel_err          {res.rel_err:.2g} on {res.error_samples} fresh inputs"
-        f"{verified}" + ("" if res.ok else "  ** ABOVE TOLERANCE **"),
+    lines = [
+        f"{res.name}",
+        (f"  rel_err          n/a: on {res.error_samples} fresh inputs the output of "
+         f"both models is all zeros, so there is nothing to compare"
+         if res.rel_err is None else
+         f"  rel_err          {res.rel_err:.2g} on {res.error_samples} fresh inputs"
+         f"{verified}" + ("" if res.ok else "  ** ABOVE TOLERANCE **")),
         f"  latency, batch 1 {res.latency_before_s * 1e3:.1f} ms -> "
         f"{res.latency_after_s * 1e3:.1f} ms ({res.speedup:.2f}x), median of "
         f"{res.runs} interleaved runs each",
+        f"  parameters       {res.parameters_before:,} -> {res.parameters_after:,} "
+        f"({res.parameters_after - res.parameters_before:+,}): removed "
+        f"{removed_p:,} in {len(r.removed_parameters)} tensors and {removed_b:,} buffer "
+        f"elements in {len(r.removed_buffers)}, added {added:,} bias parameters in "
+        f"{len(r.added_parameters)}",
         f"  fuse() took      {res.fuse_s:.2f} s (copy, discovery, fold, verification)",
+        f"  pairs fused      {len(r.fused)}" + (":" if r.fused else ""),
     ]
+    pairs = _pairs(r)
+    lines += _wrapped(pairs if verbose else _grouped(pairs, lambda p: p), 4)
+    if r.fused and not verbose and len(_grouped(pairs, lambda p: p)) < len(pairs):
+        lines.append("    (--verbose lists every pair)")
+    lines.append(f"  norms left       {len(r.left)}" + (":" if r.left else ""))
+    shown = r.left if verbose else r.left[:3]
+    lines += [f"    {n.norm} ({n.reason}): {n.detail}" for n in shown]
+    if len(r.left) > 3 and not verbose:
+        lines.append(f"    ... and {len(r.left) - 3} more (--verbose lists every one)")
     return "\n".join(lines)
 
 
@@ -250,7 +282,7 @@ def format_summary(results: Sequence[DemoResult]) -> str:
     head = ("model", "fused", "left", "net params removed", "rel_err", "before ms",
             "after ms", "speedup")
     rows = [(r.name, str(len(r.report.fused)), str(len(r.report.left)),
-             f"{r.report.parameters_reduced:,}", f"{r.rel_err:.2g}",
+             f"{r.report.parameters_reduced:,}", r.rel_err_text,
              f"{r.latency_before_s * 1e3:.1f}", f"{r.latency_after_s * 1e3:.1f}",
              f"{r.speedup:.2f}x") for r in results]
     widths = [max(len(row[i]) for row in rows + [head]) for i in range(len(head))]
