@@ -40,6 +40,12 @@ def _check_model(model, name="model"):
                     "eager model, then export the fused one)")
         raise TypeError(f"{name} must be a torch.nn.Module, got "
                         f"{type(model).__name__}{hint}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{name} is a TorchScript module ({type(model).__name__}): its forward is "
+            f"compiled code that fusion cannot see or change, so nothing would be "
+            f"fused. Fuse the eager model before torch.jit.script or torch.jit.trace, "
+            f"or use torch.jit.freeze, which folds BatchNorm in a scripted module.")
     fake = getattr(sys.modules.get("torch._subclasses.fake_tensor"), "FakeTensor", None)
     for qualname, m in model.named_modules():
         _refuse_compiled(qualname or "(model)", m)

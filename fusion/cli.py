@@ -187,6 +187,9 @@ def load_source(spec: str, factory_kwargs: Optional[dict] = None) -> nn.Module:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())  # where pickled classes are looked up
         obj = _read(spec, "the model", trusted=True)
+        if isinstance(obj, torch.jit.ScriptModule):
+            raise UsageError(f"{spec}: holds a TorchScript module: fuse the eager model "
+                             f"before scripting it, or use torch.jit.freeze")
         if _is_state_dict(obj):
             raise UsageError(
                 f"{spec}: holds a state_dict, not a whole model; pass the factory that "
