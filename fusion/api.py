@@ -318,6 +318,62 @@ class _Stages:
     dry_run: bool = False
 
 
+# --- Data-parallel wrappers -----------------------------------------------------------
+
+_WRAPPED = "module"  # the attribute of DataParallel and DistributedDataParallel
+
+
+def _wrapped(model) -> Optional[nn.Module]:
+    """The model inside nn.DataParallel or DistributedDataParallel, or None. The
+    wrapper's forward scatters inputs and syncs buffers, which no tracer can see
+    through; the wrapped model is what computes."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else None
+
+
+def _prefixed(report: FusionReport, prefix: str) -> FusionReport:
+    """The report of the wrapped model, with every name as the wrapper reaches it."""
+    def name(n):
+        return f"{prefix}.{n}" if n else prefix
+
+    for p in report.fused:
+        p.norm, p.layer = name(p.norm), name(p.layer)
+    for n in report.left:
+        n.norm = name(n.norm)
+    for table in (report.removed_parameters, report.removed_buffers,
+                  report.added_parameters):
+        renamed = {name(k): v for k, v in table.items()}
+        table.clear()
+        table.update(renamed)
+    for fold in report.plan.get("folds", []):
+        for key in ("layer", "after", "before"):
+            if fold[key] is not None:
+                fold[key] = name(fold[key])
+    report.plan["replaced"] = [name(n) for n in report.plan.get("replaced", [])]
+    return report
+
+
+def _fuse_wrapped(wrapper, inner, options, return_report):
+    """Fuses the wrapped model with its own evidence; returns the wrapper, or
+    unless in place a shallow copy of it around the fused copy (which shares the
+    wrapper's process group and gradient reducer: fine for inference; to train
+    the fused model, wrap it anew)."""
+    fused, report = fuse(inner, return_report=True, **options)
+    if options["inplace"]:
+        result = wrapper
+    else:
+        result = copy.copy(wrapper)
+        result._modules = dict(wrapper._modules, **{_WRAPPED: fused})
+    result.training = False
+    # DistributedDataParallel keeps a list of its module's buffers to broadcast
+    # before each forward; the folded norms' buffers are gone from the module.
+    refresh = getattr(result, "_assign_modules_buffers", None)
+    if refresh is not None:
+        refresh()
+    report = _prefixed(report, _WRAPPED)
+    return (result, report) if return_report else result
+
+
 # --- The entry points -----------------------------------------------------------------
 
 
@@ -354,6 +410,11 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
             ``strict`` found norms left. The model is left as it was.
     """
     _check_model(model)
+    inner = _wrapped(model)
+    if inner is not None:
+        return _fuse_wrapped(model, inner, dict(
+            inplace=inplace, example_inputs=example_inputs, verify=verify, rtol=rtol,
+            strict=strict), return_report)
     args, verify = _check_options(example_inputs, verify, rtol)
     target = model if inplace else _copy(model)
     with _training_restored_on_error(model, restore=inplace) as was_training:
@@ -398,6 +459,9 @@ def analyze(model, *, example_inputs=None):
         A :class:`FusionReport` with ``dry_run=True``.
     """
     _check_model(model)
+    inner = _wrapped(model)
+    if inner is not None:
+        return _prefixed(analyze(inner, example_inputs=example_inputs), _WRAPPED)
     args = _as_args(example_inputs)
     flags = {m: m.training for m in model.modules()}
     try:
