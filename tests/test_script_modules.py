@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from cli_models import SmallNet, calibrated
 from fusion import analyze, fuse
