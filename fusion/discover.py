@@ -82,6 +82,48 @@ class _LeafTracer(fx.Tracer):
         return is_interesting(m) or super().is_leaf_module(m, qualname)
 
 
+# Modules and functions whose output has the rank of their (first) input.
+_RANK_KEEPING_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Sigmoid,
+                         nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Dropout, nn.Identity)
+_RANK_KEEPING_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu,
+                           torch.nn.functional.gelu, torch.nn.functional.silu,
+                           torch.nn.functional.dropout}
+
+
+def _proven_rank(node, model, rank) -> Optional[int]:
+    """The rank of fx node ``node``'s output where the op defines it, from the
+    ranks already proven for earlier nodes; None where it is not proven.
+
+    2 after ``nn.Flatten()`` and ``torch.flatten(x, 1)`` with their default
+    end, and after ``view``/``reshape`` to two sizes; a Linear, a BatchNorm1d or
+    an elementwise activation keeps its input's rank."""
+    def of(arg):
+        return rank.get(arg) if isinstance(arg, fx.Node) else None
+
+    args = node.args
+    if node.op == "call_module":
+        m = model.get_submodule(node.target)
+        if isinstance(m, nn.Flatten):
+            return 2 if (m.start_dim, m.end_dim) == (1, -1) else None
+        if isinstance(m, (nn.Linear, nn.BatchNorm1d) + _RANK_KEEPING_MODULES):
+            return of(args[0]) if args else None
+        return None
+    if node.op == "call_function":
+        if node.target is torch.flatten:
+            start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
+            end = args[2] if len(args) > 2 else node.kwargs.get("end_dim", -1)
+            return 2 if (start, end) == (1, -1) else None
+        if node.target in _RANK_KEEPING_FUNCTIONS and not node.kwargs.get("inplace"):
+            return of(args[0]) if args else None
+        return None
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        sizes = args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+            sizes = sizes[0]
+        return 2 if len(sizes) == 2 else None
+    return None
+
+
 def flow_from_fx(model) -> Flow:
     """Traces ``model`` with torch.fx. Raises whatever tracing raises."""
     with MODEL_LOCK:
@@ -89,12 +131,18 @@ def flow_from_fx(model) -> Flow:
     names = canonical_names(model)
     flow = Flow("fx")
     by_node: Dict[fx.Node, Call] = {}
+    rank: Dict[fx.Node, int] = {}
     for node in graph.nodes:
+        proven = _proven_rank(node, model, rank)
+        if proven is not None:
+            rank[node] = proven
         if node.op == "call_module":
             module = model.get_submodule(node.target)
             if not is_interesting(module):
                 continue
             call = flow.add(Call(names[id(module)]))
+            if node.args and isinstance(node.args[0], fx.Node):
+                call.in_ndim = rank.get(node.args[0])
             by_node[node] = call
             if len(node.args) == 1 and not node.kwargs:
                 src = by_node.get(node.args[0])

@@ -400,13 +400,20 @@ def _rule_layer_params_own(name, layer_name, decision, ctx) -> Optional[Reason]:
 
 def _rule_linear_rank(name, layer_name, decision, ctx) -> Optional[Reason]:
     """BatchNorm normalises dim 1, Linear acts on the last dim: the same dim only
-    for 2-D input, which only a recorded run shows."""
+    for 2-D input, shown by a recorded run, or proven by rank propagation through
+    the fx graph (a flatten, a view to two sizes, a Linear on 2-D input)."""
     if not isinstance(ctx.modules[layer_name], nn.Linear):
         return None
-    if ctx.recorded is None:
+    source = ctx.recorded
+    if source is None:
+        fx_flow = next((f for f in ctx.flows if f.source == "fx"), None)
+        calls = fx_flow.calls.get(name, []) if fx_flow is not None else []
+        if calls and all(c.in_ndim == 2 for c in calls):
+            return None
         return Reason("needs_example_inputs", f"Linear {layer_name} with BatchNorm folds "
-                      f"only when a recorded run shows 2-D input; pass example_inputs")
-    dims = sorted({c.in_ndim for c in ctx.recorded.calls.get(name, [])})
+                      f"only when its input is shown to be 2-D, by a recorded run or by "
+                      f"the fx graph (a flatten or view before it); pass example_inputs")
+    dims = sorted({c.in_ndim for c in source.calls.get(name, [])})
     if any(d != 2 for d in dims):
         code = "not_after_producer" if decision.direction == "after" else \
             "unsupported_layer"
