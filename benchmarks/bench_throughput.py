@@ -50,6 +50,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from fusion import NormParams  # noqa: E402
 from fusion._native import _C  # noqa: E402
 
 CASES = ["memcpy (copy_)", "memcpy (memmove)", "fusion prepare", "fusion apply",
@@ -75,8 +76,10 @@ def norm_stats(channels, gen):
 def prepare_call(weight, bias_out, stats, eps=1e-5):
     """fusion._C.prepare as fusion/rewrite.py calls it for a Conv with the norm
     after it and no bias."""
-    return _C.prepare(weight=weight, bias_in=None, bias_out=bias_out, eps=eps,
-                      before=False, grouped=False, groups=1, **stats)
+    norm = NormParams(stats["running_mean"], stats["running_var"], stats["norm_weight"],
+                      stats["norm_bias"], eps)
+    return _C.prepare(weight=weight, bias_in=None, bias_out=bias_out, norm=norm,
+                      before=False, grouped=False, groups=1)
 
 
 def torch_fold(w, stats, eps=1e-5, dtype=None):

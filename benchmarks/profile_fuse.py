@@ -5,7 +5,7 @@ Phases are timed with perf_counter wrappers installed around the functions
 each fuser calls (in this process only; nothing in fusion/ is changed), so
 there is no profiler overhead in the phase times:
 
-* fusion: deepcopy, training flags, discover (torch.fx trace into a flow),
+* fusion: deepcopy, discover (torch.fx trace into a flow),
   plan, prepare (Python part) and the core's ``_C.prepare`` (check: reads
   every weight), report, write (Python part) and the core's ``Fold.apply``
   (writes every weight), and the rest of fuse().
@@ -99,7 +99,7 @@ class _TimedC:
         return getattr(self._real, name)
 
 
-FUSION_PHASES = ["deepcopy", "training flags", "discover (fx trace)", "plan",
+FUSION_PHASES = ["deepcopy", "discover (fx trace)", "plan",
                  "prepare (Python)", "core check (_C.prepare)", "report",
                  "write (Python)", "core apply (Fold.apply)", "other"]
 FX_PHASES = ["deepcopy (model)", "symbolic_trace", "deepcopy (graph)",
@@ -112,11 +112,10 @@ def profile_fusion(model, inplace):
     real_copy = api.copy
     api.copy = type("copy", (), {"deepcopy": staticmethod(real_copy.deepcopy)})
     ph.wrap(api.copy, "deepcopy", "deepcopy")
-    ph.wrap(api, "_training_flags", "training flags")
     ph.wrap(api, "flow_from_fx", "discover (fx trace)")
     ph.wrap(api, "make_plan", "plan")
     ph.wrap(rw, "prepare", "prepare")
-    ph.wrap(api, "_build_report", "report")
+    ph.wrap(api, "_report", "report")
     ph.wrap(rw, "write", "write")
     real_c = rw._C
     rw._C = _TimedC(real_c, ph.t)
