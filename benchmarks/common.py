@@ -239,10 +239,10 @@ def model_bytes(model):
     """Bytes of the model's parameters and buffers, each storage counted once."""
     seen, total = set(), 0
     for t in list(model.parameters()) + list(model.buffers()):
-        key = t.storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.storage().nbytes()
+        storage = t.untyped_storage() if hasattr(t, "untyped_storage") else t.storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
     return total
 
 
