@@ -75,7 +75,7 @@ def environment(threads):
         "torchvision": tv,
         "python": platform.python_version(),
         "threads": threads,
-        "blas": machine.blas,
+        "blas": machine.blas_library,  # the threads are the row's, set per case
         "blas_libraries": [{k: i.get(k) for k in ("internal_api", "version",
                                                   "num_threads", "filepath")}
                            for i in machine.blas_libraries],

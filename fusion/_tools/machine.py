@@ -23,9 +23,12 @@ class Environment:
         interop_threads: ``torch.get_num_interop_threads()``.
         blas_info: ``BLAS_INFO`` from ``torch.__config__.show()``: ``generic``
             means torch calls whatever ``libblas.so.3`` the system provides.
-        blas: one name for the BLAS torch's matrix products run on, e.g.
-            ``"openblas 0.3.21, 2 thread(s), /usr/lib/.../libopenblasp-r0.3.21.so"``
-            or ``"MKL, built into torch"``.
+        blas: one name for the BLAS torch's matrix products run on, with the
+            threads of its pool where it has its own, e.g. ``"openblas 0.3.21, 2
+            thread(s), /usr/lib/.../libopenblasp-r0.3.21.so"`` or ``"MKL, built
+            into torch"``.
+        blas_library: the same without the thread count (which set_threads
+            changes), for records made before the threads are set.
         blas_libraries: what threadpoolctl reports of each loaded BLAS.
         mkldnn: whether torch can use oneDNN for convolutions.
     """
@@ -35,6 +38,7 @@ class Environment:
     interop_threads: int
     blas_info: str
     blas: str
+    blas_library: str
     blas_libraries: List[Dict] = field(default_factory=list)
     mkldnn: bool = False
 
@@ -47,7 +51,7 @@ def _blas_libraries() -> List[Dict]:
     return [i for i in threadpool_info() if i.get("user_api") == "blas"]
 
 
-def _blas_name(blas_info: str, libraries: List[Dict]) -> str:
+def _blas_name(blas_info: str, libraries: List[Dict], threads: bool) -> str:
     if blas_info not in ("generic", "unknown"):
         return f"{blas_info.upper()}, built into torch"
     # torch calls the system's libblas.so.3: the one loaded that is not numpy's own
@@ -55,8 +59,9 @@ def _blas_name(blas_info: str, libraries: List[Dict]) -> str:
     if not system:
         return "the system's libblas.so.3 (not identified: pip install threadpoolctl)"
     lib = system[0]
+    pool = f", {lib.get('num_threads')} thread(s)" if threads else ""
     return (f"{lib.get('internal_api', 'blas')} {lib.get('version') or ''}".strip()
-            + f", {lib.get('num_threads')} thread(s), {lib.get('filepath')}")
+            + f"{pool}, {lib.get('filepath')}")
 
 
 def environment() -> Environment:
@@ -66,8 +71,10 @@ def environment() -> Environment:
     info = found.group(1) if found else "unknown"
     libraries = _blas_libraries()
     return Environment(torch.__version__, torch.get_num_threads(),
-                       torch.get_num_interop_threads(), info, _blas_name(info, libraries),
-                       libraries, bool(torch.backends.mkldnn.is_available()))
+                       torch.get_num_interop_threads(), info,
+                       _blas_name(info, libraries, threads=True),
+                       _blas_name(info, libraries, threads=False), libraries,
+                       bool(torch.backends.mkldnn.is_available()))
 
 
 def set_threads(n: int) -> None:
