@@ -294,6 +294,7 @@ def test_overflow_is_left_and_never_written():
     assert torch.equal(fused[0].weight, conv.weight)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_fold_is_identical_to_cpu(dtype):
