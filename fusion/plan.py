@@ -133,7 +133,7 @@ def _uncalled(flow: Flow, norm: str) -> Decision:
 
 
 def _producer_reason(flow: Flow, call: Call, modules) -> Optional[Reason]:
-    """Rules 1-3 for one call of a norm after a layer: its input is the sole
+    """Rules 5-7 for one call of a norm after a layer: its input is the sole
     output of one call of a plain layer that runs once."""
     src = call.src
     if src is None:
@@ -314,7 +314,10 @@ def _before_exact(layer, params) -> Optional[str]:
 
 
 # --- The evidence rules, in the README's order -------------------------------------
-# Each takes what it needs and returns a Reason to leave the norm, or None.
+# Each takes what it needs and returns a Reason to leave the norm, or None. The
+# README's rules 1-4 for the norm (NORM_RULES), 5-7 from the flows (decide), 3,
+# 4 and 8 for its layer (PAIR_RULES); 9 (untie) is a property of the Fold and 10
+# (finite values) the C core's check in rewrite.prepare.
 
 
 @dataclass
@@ -367,7 +370,7 @@ NORM_RULES = [_rule_known_norm, _rule_running_stats, _rule_no_hooks, _rule_param
 
 
 def _agreed(name, ctx) -> Decision:
-    """The one decision every flow agrees on (rules 1-3), or why there is none."""
+    """The one decision every flow agrees on (rules 5-7), or why there is none."""
     decisions = [decide(f, name, ctx.modules) for f in ctx.flows]
     left = next((d for d in decisions if d.reason is not None), None)
     if left is not None:

@@ -201,6 +201,7 @@ def test_demo_runs_and_prints_latency(tmp_path):
     assert proc.returncode == EXIT_OK, proc.stderr
     out = proc.stdout
     assert "torch " in out and "1 thread(s)" in out and out.count("BLAS:") == 1
+    assert "BLAS_INFO" not in out  # one truthful line, not torch's raw config beside it
     assert "pairs fused      20:" in out and "norms left       0" in out
     # the figures first, then the pairs, grouped by top-level module
     assert out.index("rel_err") < out.index("latency, batch 1") < out.index("pairs fused")
