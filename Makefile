@@ -50,7 +50,7 @@ DEBS_BROWSER := chromium
 DEBS_TOOLS := build-essential clang libclang-rt-14-dev libfuzzer-14-dev valgrind flake8 \
         clang-format
 
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.cpp fusion/*.py)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.c csrc/*.h csrc/*.cpp fusion/*.py fusion/_tools/*.py)
 
 # ultralytics (a test extra) probes public DNS servers at import and may
 # pip-install packages unless told not to; every process started from here
