@@ -1,12 +1,17 @@
 """Writing a plan into the model, in two phases.
 
 ``prepare`` runs every check, the C core's included, and computes every fused
-bias, writing nothing. ``write`` then applies all of them; it has no failure
-path, so a model is either fully fused or untouched. Keep it that way: a test
-reads ``write`` and fails if it gains a ``raise`` or a call that can fail on
-bad input.
+bias, writing nothing. ``write`` then applies all of them. Nothing it does can
+fail on a prepared plan; and what comes from outside cannot leave the model
+half written: SIGINT (Ctrl-C) is held until every step has run, and an
+exception raised anyway (by another signal's handler, a hook) does not stop
+the write: the step it interrupted runs again, the rest run, the model is
+fully fused, then the exception goes on. Tests raise both at every step.
 """
+import contextlib
 import dataclasses
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -229,26 +234,72 @@ def replacements(model, prepared: List[Prepared]) -> List[Replaced]:
     return out
 
 
+def _write_steps(model, prepared: List[Prepared], replaced: List[Replaced]):
+    """Every change ``write`` makes, in order, as a callable each."""
+    steps = []
+    for p in prepared:
+        steps.append(p.handle.apply)
+        steps += [lambda c=c: c.device.copy_(c.host) for c in p.copy_back]
+        if p.install_weight is not None:
+            steps.append(lambda p=p: setattr(p.layer, "weight", p.install_weight))
+        if p.install_bias is not None:
+            steps.append(lambda p=p: setattr(p.layer, "bias", p.install_bias))
+    identities = {}
+    for r in replaced:
+        if id(r.norm) not in identities:
+            identity = identities[id(r.norm)] = nn.Identity()
+            identity.training = r.norm.training  # a fused model is wholly in eval mode
+        steps.append(lambda r=r, i=identities[id(r.norm)]: replace_module(model, r.name, i))
+    return steps
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Holds SIGINT for the block and delivers it after, through the handler that
+    was there. Signal handlers run in the main thread only: in another thread a
+    Ctrl-C interrupts the main thread, never this one, and nothing is held."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    caught = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)
+
+
+def _run_every(steps):
+    """Runs every step, even after one raised; then raises the first exception.
+
+    Roll forward, not back: undoing a weight already scaled in place would need
+    a copy of every weight. No step can fail on what prepare() made, so an
+    exception here comes from outside (a signal handler, a hook), between
+    bytecodes; every step is idempotent (a Fold applies once), so the step it
+    interrupted is run again."""
+    first = None
+    for step in steps:
+        for _ in range(2):
+            try:
+                step()
+                break
+            except BaseException as exc:
+                first = first or exc
+    if first is not None:
+        raise first
+
+
 def write(model, prepared: List[Prepared]) -> List[Replaced]:
     """Writes every prepared fold and replaces the folded norms by nn.Identity
-    under every name they are reachable by. Has no failure path.
+    under every name they are reachable by: all of it, or (if it raises before
+    starting) none of it.
 
     Returns every (name, norm) replaced."""
     replaced = replacements(model, prepared)
-    with torch.no_grad():
-        for p in prepared:
-            p.handle.apply()
-            for c in p.copy_back:
-                c.device.copy_(c.host)
-            if p.install_weight is not None:
-                p.layer.weight = p.install_weight
-            if p.install_bias is not None:
-                p.layer.bias = p.install_bias
-    identities = {}
-    for r in replaced:
-        identity = identities.get(id(r.norm))
-        if identity is None:
-            identity = identities.setdefault(id(r.norm), nn.Identity())
-            identity.training = r.norm.training  # a fused model is wholly in eval mode
-        replace_module(model, r.name, identity)
+    steps = _write_steps(model, prepared, replaced)
+    with torch.no_grad(), _sigint_held():
+        _run_every(steps)
     return replaced
