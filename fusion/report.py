@@ -159,7 +159,8 @@ class FusionReport:
             th = "".join(f'<th style="{cell}">{esc(h)}</th>' for h in head)
             body = "".join("<tr>" + "".join(f'<td style="{cell}">{c}</td>' for c in r)
                            + "</tr>" for r in rows)
-            return (f'<table style="border-collapse:collapse;margin:4px 0">'
+            return (f'<table style="border-collapse:collapse;margin:4px 0;color:inherit;'
+                    f'font-size:inherit">'
                     f"<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>")
 
         verb = "would fuse" if self.dry_run else "fused"

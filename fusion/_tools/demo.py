@@ -227,12 +227,17 @@ def _pairs(report: FusionReport) -> List[str]:
             for p in report.fused]
 
 
-def _grouped(names: Sequence[str], key) -> List[str]:
-    """Names grouped by their first dotted component: "layer1.*: 6" for a group,
-    the name itself for a group of one."""
+def _grouped(names: Sequence[str]) -> List[str]:
+    """Names grouped by their leading dotted components, at the shallowest depth
+    that splits them into more than one group ("layer1.*: 6"; "features.3.*: 3"
+    where everything is under features); a group of one is the name itself."""
     groups = {}
-    for n in names:
-        groups.setdefault(key(n).split(".")[0], []).append(n)
+    for depth in range(1, 8):
+        groups = {}
+        for n in names:
+            groups.setdefault(".".join(n.split(".")[:depth]), []).append(n)
+        if len(groups) > 1:
+            break
     return [items[0] if len(items) == 1 else f"{head}.*: {len(items)}"
             for head, items in groups.items()]
 
@@ -266,8 +271,9 @@ def format_result(res: DemoResult, verbose: bool = False) -> str:
         f"  pairs fused      {len(r.fused)}" + (":" if r.fused else ""),
     ]
     pairs = _pairs(r)
-    lines += _wrapped(pairs if verbose else _grouped(pairs, lambda p: p), 4)
-    if r.fused and not verbose and len(_grouped(pairs, lambda p: p)) < len(pairs):
+    grouped = _grouped(pairs)
+    lines += _wrapped(pairs if verbose else grouped, 4)
+    if r.fused and not verbose and len(grouped) < len(pairs):
         lines.append("    (--verbose lists every pair)")
     lines.append(f"  norms left       {len(r.left)}" + (":" if r.left else ""))
     shown = r.left if verbose else r.left[:3]
