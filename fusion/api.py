@@ -14,7 +14,7 @@ from . import rewrite
 from .discover import MODEL_LOCK, Flow, flow_from_fx, flow_from_run, flow_from_sequentials
 from .errors import FusionError
 from .layers import is_known_norm, layer_kind, out_channels, replace_module
-from .plan import Fold, Plan, check_pair, make_plan
+from .plan import ROOT, Fold, Plan, check_pair, make_plan
 from .report import FusedPair, FusionReport, LeftNorm
 from .verify import Verification, run_model, verify_fused
 
@@ -46,11 +46,14 @@ def _check_model(model, name="model"):
             f"compiled code that fusion cannot see or change, so nothing would be "
             f"fused. Fuse the eager model before torch.jit.script or torch.jit.trace, "
             f"or use torch.jit.freeze, which folds BatchNorm in a scripted module.")
+    # Classes of modules not imported yet cannot be in the model: looked up, not imported.
     fake = getattr(sys.modules.get("torch._subclasses.fake_tensor"), "FakeTensor", None)
+    compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     for qualname, m in model.named_modules():
-        _refuse_compiled(qualname or "(model)", m)
+        if compiled is not None and isinstance(m, compiled):
+            _refuse_compiled(qualname or ROOT)
         if fake is not None:
-            _refuse_fake(qualname or "(model)", m, fake)
+            _refuse_fake(qualname or ROOT, m, fake)
     _refuse_exported(model)
 
 
@@ -66,17 +69,14 @@ def _refuse_fake(qualname, module, fake):
                 qualname, "tensor_subclass")
 
 
-def _refuse_compiled(qualname, module):
+def _refuse_compiled(qualname):
     """A torch.compile'd module (OptimizedModule) holds graphs compiled from the
     unfused model, guarded on its modules: folding under it would either serve
     them stale or recompile behind the user's back."""
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    compiled = getattr(dynamo, "OptimizedModule", None)
-    if compiled is not None and isinstance(module, compiled):
-        raise TypeError(
-            f"{qualname} is a torch.compile'd module (OptimizedModule). Fuse the eager "
-            f"module before compiling it: fused = fuse(compiled._orig_mod), then "
-            f"torch.compile(fused).")
+    raise TypeError(
+        f"{qualname} is a torch.compile'd module (OptimizedModule). Fuse the eager "
+        f"module before compiling it: fused = fuse(compiled._orig_mod), then "
+        f"torch.compile(fused).")
 
 
 def _refuse_exported(model):
