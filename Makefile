@@ -34,10 +34,13 @@ VENV_DISK_GIB := 8
 # extra); installed under pins of the venv's own torch, torchvision and numpy,
 # which are checked again afterwards.
 EXTRAS := pytest onnx onnxscript onnxruntime threadpoolctl psutil matplotlib
+# The model libraries (pyproject's [models] extra): test, demo and benchmark
+# dependencies, never runtime ones.
+MODEL_EXTRAS := timm ultralytics
 # The oldest venv takes pytest and onnx from Debian, and what Debian lacks from
 # PyPI under the same pins (ONNX Runtime 1.26 is the newest that keeps
 # Debian's protobuf).
-EXTRAS_OLDEST := onnxruntime threadpoolctl
+EXTRAS_OLDEST := onnxruntime threadpoolctl timm ultralytics
 
 # Debian packages: the oldest torch with its headers and test dependencies;
 # and, apart, the tools of the native hardening targets.
@@ -105,7 +108,7 @@ endef
 
 extras: $(STAMPS)/extras
 $(STAMPS)/extras: $(STAMPS)/venv Makefile
-	$(call extras_into,$(PY),$(EXTRAS))
+	$(call extras_into,$(PY),$(EXTRAS) $(MODEL_EXTRAS))
 
 # install_into(python): a regular install of this tree, redone when a source is
 # newer than the stamp for that venv and its torch version.

@@ -13,7 +13,15 @@ from torch import nn
 from . import rewrite
 from .discover import MODEL_LOCK, Flow, flow_from_fx, flow_from_run, flow_from_sequentials
 from .errors import FusionError
-from .layers import is_known_norm, layer_kind, out_channels, replace_module
+from .layers import (
+    describe,
+    is_known_norm,
+    layer_kind,
+    norm_remainder,
+    out_channels,
+    replace_module,
+    replacement,
+)
 from .plan import ROOT, Fold, Plan, check_pair, make_plan
 from .report import FusedPair, FusionReport, LeftNorm
 from .verify import Verification, run_model, verify_fused
@@ -258,6 +266,8 @@ def _plan_dict(folds: List[Fold], replaced: List[str]) -> Dict:
     return {
         "version": PLAN_VERSION,
         "folds": [{"layer": f.layer, "after": f.after, "before": f.before,
+                   "after_channels": None if f.after_channels is None
+                   else list(f.after_channels),
                    "bias_added": f.bias_added, "untie": f.untie} for f in folds],
         "replaced": list(replaced),
     }
@@ -271,8 +281,11 @@ def _account(report: FusionReport, model, prepared: List[rewrite.Prepared]):
         fold = p.fold
         for norm, direction in ((fold.before, "before"), (fold.after, "after")):
             if norm is not None:
-                report.fused.append(FusedPair(norm, fold.layer, direction, fold.evidence,
-                                              fold.bias_added, fold.untie))
+                channels = fold.after_channels if direction == "after" else None
+                report.fused.append(FusedPair(
+                    norm, fold.layer, direction, fold.evidence, fold.bias_added,
+                    fold.untie, describe(replacement(p.norms[norm])),
+                    None if channels is None else list(channels)))
         if fold.bias_added:
             report.added_parameters[f"{fold.layer}.bias"] = out_channels(p.layer)
         if fold.untie:
@@ -383,7 +396,9 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
 
     The result is the same class, with the same attributes and forward; each
     folded layer holds the fused weight and bias (a bias Parameter is added where
-    it had none) and each folded norm becomes ``nn.Identity``. Fused values are
+    it had none) and each folded norm becomes ``nn.Identity``, or what its
+    class computes after the affine map (timm's ``BatchNormAct2d`` leaves its
+    ``drop`` and ``act``). Fused values are
     computed in float64 and rounded once. The result is in eval mode.
 
     Args:
@@ -499,6 +514,13 @@ def fuse_conv_and_bn(conv, bn):
     if not is_known_norm(bn):
         raise TypeError(f"bn must be a BatchNorm-like norm, got {type(bn).__name__} "
                         f"(register its class with fusion.register_norm)")
+    rest = norm_remainder(bn)
+    if rest is not None:
+        raise FusionError(f"bn: {type(bn).__name__} goes on after its affine map "
+                          f"({describe(rest)}), and fuse_conv_and_bn returns the layer "
+                          f"alone, which would drop that. Use fuse() on the model, which "
+                          f"keeps it, or nn.Sequential(fuse_conv_and_bn(conv, bn), "
+                          f"...) with the rest yourself.", "bn", "remainder")
     if getattr(bn, "running_mean", None) is None:
         raise FusionError("bn: has no running statistics (track_running_stats=False); "
                           "it normalises with batch statistics and cannot be folded.",
@@ -544,7 +566,8 @@ def apply_plan(model, plan):
     """Give a freshly built model the fused structure, computing nothing.
 
     Adds the biases that fusion added and replaces the folded norms by
-    ``nn.Identity``, so that ``load_state_dict`` of saved fused weights then gives
+    ``nn.Identity`` (or their remainder, such as timm's ``drop`` and ``act``),
+    so that ``load_state_dict`` of saved fused weights then gives
     the fused model. Works whatever evidence the plan came from.
 
     Args:
@@ -591,9 +614,8 @@ def apply_plan(model, plan):
                 layer.bias = nn.Parameter(torch.zeros(out_channels(layer), dtype=w.dtype,
                                                       device=w.device),
                                           w.requires_grad)
-    identities = {}
+    new = {}
     for name in plan["replaced"]:
         norm = modules[name]
-        ident = identities.setdefault(id(norm), nn.Identity())
-        replace_module(model, name, ident)
+        replace_module(model, name, new.setdefault(id(norm), replacement(norm)))
     return model.eval()

@@ -53,6 +53,20 @@ class Call:
     in_ndim: Optional[int] = None
 
 
+@dataclass(eq=False)
+class Cat(Call):
+    """A ``torch.cat`` along dim 1 of the outputs of tracked calls (``parts``,
+    in order): the one function call a flow tracks. Its ``users`` are those of
+    the concatenation; each part's users include it."""
+
+    parts: List[Call] = field(default_factory=list)
+
+
+CAT = "torch.cat"
+_CAT_FUNCTIONS = tuple(f for f in (torch.cat, getattr(torch, "concat", None),
+                                   getattr(torch, "concatenate", None)) if f is not None)
+
+
 @dataclass
 class Flow:
     source: str  # "fx", "recorded" or "sequential"
@@ -136,7 +150,11 @@ def flow_from_fx(model) -> Flow:
         proven = _proven_rank(node, model, rank)
         if proven is not None:
             rank[node] = proven
-        if node.op == "call_module":
+        if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
+            cat = _fx_cat(node, by_node)
+            if cat is not None:
+                by_node[node] = cat
+        elif node.op == "call_module":
             module = model.get_submodule(node.target)
             if not is_interesting(module):
                 continue
@@ -159,11 +177,27 @@ def flow_from_fx(model) -> Flow:
     for node, call in by_node.items():
         for user in node.users:
             consumer = by_node.get(user)
-            if consumer is not None and consumer.src is call:
+            if consumer is not None and (consumer.src is call or (
+                    isinstance(consumer, Cat) and call in consumer.parts)):
                 call.users.append(consumer)
             else:
                 call.users.append(OTHER)
     return flow
+
+
+def _fx_cat(node, by_node) -> Optional[Cat]:
+    """A Cat for ``torch.cat(parts, 1)`` of distinct tracked calls' outputs, as
+    the graph states it; None for any other concatenation."""
+    args, kwargs = node.args, node.kwargs
+    parts = args[0] if args else kwargs.get("tensors")
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    if set(kwargs) - {"tensors", "dim"} or not isinstance(parts, (list, tuple)) or dim != 1:
+        return None
+    if len(parts) < 2 or not all(isinstance(p, fx.Node) and p in by_node for p in parts):
+        return None
+    if len(set(parts)) != len(parts):
+        return None
+    return Cat(CAT, parts=[by_node[p] for p in parts])
 
 
 # --- A recorded run ----------------------------------------------------------
@@ -210,12 +244,35 @@ class _Recorder:
     def post_hook(self, module, args, output):
         call = self.stack.pop()
         self.entered.pop()
+        self.made(call, output)
+
+    def cat_of(self, func, args, kwargs) -> Optional[Cat]:
+        """A Cat for ``aten.cat(parts, 1)`` outside any tracked module, of the
+        outputs of distinct tracked calls; None for any other op."""
+        if func is not _ATEN_CAT or self.stack or threading.get_ident() != self.thread:
+            return None
+        parts = args[0] if args else kwargs.get("tensors")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if not isinstance(parts, (list, tuple)) or len(parts) < 2:
+            return None
+        if not all(isinstance(t, torch.Tensor) for t in parts):
+            return None
+        if dim < 0:
+            dim += parts[0].dim()
+        calls = [self._found(t) for t in parts]
+        if dim != 1 or any(c is None for c in calls) or len({id(t) for t in parts}) != \
+                len(parts):
+            return None
+        return Cat(CAT, parts=calls)
+
+    def made(self, call: Call, output):
+        """Records ``output`` as made by ``call`` (a module's, or a Cat)."""
         if isinstance(output, torch.Tensor):
             key = id(output)
             origin = self.origin
             origin[key] = (call, weakref.ref(output, lambda _, k=key: origin.pop(k, None)))
 
-    def on_op(self, func, args, kwargs):
+    def on_op(self, func, args, kwargs, cat: Optional[Cat] = None):
         if threading.get_ident() != self.thread:
             return
         top = self.stack[-1] if self.stack else None
@@ -224,7 +281,9 @@ class _Recorder:
         for t in tensors((args, kwargs)):
             call = self._found(t)
             if call is not None:
-                if top is None or not any(u is top for u in call.users):
+                if cat is not None and call in cat.parts:
+                    call.users.append(cat)
+                elif top is None or not any(u is top for u in call.users):
                     call.users.append(OTHER)
             owners = self.owners.get(id(t))
             if owners is not None and (top is None or top.name not in owners):
@@ -241,6 +300,7 @@ _VALUE_READS = {
     torch.ops.aten._local_scalar_dense.default,
     torch.ops.aten.is_nonzero.default,
 }
+_ATEN_CAT = torch.ops.aten.cat.default
 
 
 def _misfit(module, x) -> Optional[str]:
@@ -285,8 +345,13 @@ def flow_from_run(model, example_inputs):
 
     class _Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            rec.on_op(func, args, kwargs or {})
-            return func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            cat = rec.cat_of(func, args, kwargs)
+            rec.on_op(func, args, kwargs, cat)
+            output = func(*args, **kwargs)
+            if cat is not None:
+                rec.made(cat, output)
+            return output
 
     handles = []
     try:

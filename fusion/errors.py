@@ -13,6 +13,8 @@ ERRORS = {
     "leaves such a pair instead)",
     "batch_statistics": "the norm normalises with batch statistics "
     "(track_running_stats=False; fuse_conv_and_bn)",
+    "remainder": "the norm goes on after its affine map (an activation), which "
+    "fuse_conv_and_bn's single layer would drop; use fuse()",
     "dtype": "a tensor's dtype is not float16, bfloat16, float32 or float64",
     "empty": "a zero-size layer",
     "sparse": "a sparse tensor",

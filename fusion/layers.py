@@ -3,16 +3,24 @@
 A module is known only by its class *and* its forward: a subclass that
 overrides ``forward`` computes something else (a weight-standardised conv, a
 norm with extra terms), so it is never folded just because it has the same
-parameters. User norm classes are added with :func:`register_norm`.
+parameters. User classes are added with :func:`register_norm` and
+:func:`register_layer`.
+
+A known norm is an affine map, possibly followed by a *remainder* that stays in
+the model when the map is folded: timm's ``BatchNormAct2d`` is batch norm, then
+its ``drop`` and ``act`` modules. timm's classes are recognised without
+importing timm: only when timm's module is already loaded can a model hold one.
 """
 import sys
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["NormParams", "register_norm", "unregister_norm"]
+__all__ = ["NormParams", "register_norm", "unregister_norm", "register_layer",
+           "unregister_layer"]
 
 
 @dataclass(frozen=True)
@@ -33,31 +41,62 @@ class NormParams:
     bias: Optional[torch.Tensor]
     eps: float
 
+    def channels(self, start: int, stop: int) -> "NormParams":
+        """The map of channels ``start:stop`` alone."""
+        def cut(t):
+            return None if t is None else t[start:stop]
+        return NormParams(cut(self.running_mean), cut(self.running_var), cut(self.weight),
+                          cut(self.bias), self.eps)
+
 
 NormAdapter = Callable[[nn.Module], NormParams]
+#: Takes a norm module and returns the module that stays in its place when its
+#: affine map is folded, or None for nothing (nn.Identity).
+Remainder = Callable[[nn.Module], Optional[nn.Module]]
 
-_REGISTRY: Dict[type, NormAdapter] = {}
+
+@dataclass(frozen=True)
+class NormSpec:
+    """How to fold one norm class: its affine map, and what remains after it."""
+
+    adapter: NormAdapter
+    remainder: Optional[Remainder] = None
 
 
-def register_norm(cls, adapter: Optional[NormAdapter] = None):
+_REGISTRY: Dict[type, NormSpec] = {}
+
+
+def register_norm(cls, adapter: Optional[NormAdapter] = None, *,
+                  remainder: Optional[Remainder] = None):
     """Teach fusion a norm class of your own.
 
     The adapter returns the norm's eval-mode statistics as :class:`NormParams`.
     Register only classes whose forward in eval mode is exactly that affine map
-    along dim 1. Usable as a decorator when ``adapter`` is omitted and the class
-    has the BatchNorm attributes (``running_mean``, ``running_var``, ``weight``,
+    along dim 1, followed by what ``remainder`` returns. Usable as a decorator
+    when ``adapter`` and ``remainder`` are omitted and the class has the
+    BatchNorm attributes (``running_mean``, ``running_var``, ``weight``,
     ``bias``, ``eps``).
 
     Args:
         cls: the norm class. Its subclasses that override ``forward`` stay unknown.
         adapter: callable taking the module and returning :class:`NormParams`.
+        remainder: for a norm whose forward goes on after the affine map (an
+            activation, say): a callable taking the module and returning the
+            module that computes the rest, made of the norm's own submodules so
+            that their names keep working, or ``None`` where the rest is the
+            identity. When the map is folded, the norm is replaced by it. Such
+            a norm folds only into a layer before it, never into the one it feeds.
 
     Returns:
         ``cls``, so that it can decorate a class.
     """
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise TypeError(f"register_norm expects an nn.Module subclass, got {cls!r}")
-    _REGISTRY[cls] = adapter if adapter is not None else _batchnorm_params
+    if remainder is not None and not callable(remainder):
+        raise TypeError(f"register_norm: remainder must be a callable taking the module, "
+                        f"got {remainder!r}")
+    _REGISTRY[cls] = NormSpec(adapter if adapter is not None else _batchnorm_params,
+                              remainder)
     return cls
 
 
@@ -70,6 +109,16 @@ def _batchnorm_params(m) -> NormParams:
     return NormParams(m.running_mean, m.running_var, m.weight, m.bias, float(m.eps))
 
 
+def drop_then_act(m) -> Optional[nn.Module]:
+    """The remainder of timm's norm-act classes: ``m.drop`` then ``m.act`` (each
+    where the module has it), under those names; None when both are identities."""
+    parts = OrderedDict((k, getattr(m, k)) for k in ("drop", "act")
+                        if isinstance(getattr(m, k, None), nn.Module))
+    if all(type(p) is nn.Identity for p in parts.values()):
+        return None
+    return nn.Sequential(parts)
+
+
 def _frozen_bn_class():
     """torchvision's FrozenBatchNorm2d if torchvision is loaded, else None: no
     model can hold an instance of a class whose module was never imported, and
@@ -78,44 +127,106 @@ def _frozen_bn_class():
     return getattr(misc, "FrozenBatchNorm2d", None)
 
 
-def _builtin_adapter(module) -> Optional[NormAdapter]:
+def _timm_norm_classes() -> tuple:
+    """timm's BatchNormAct2d, SyncBatchNormAct and FrozenBatchNormAct2d, where
+    timm is loaded. Each is batch norm, then ``drop``, then ``act`` (timm
+    1.0's forwards, read and tested against the real package)."""
+    mod = sys.modules.get("timm.layers.norm_act")
+    if mod is None:
+        return ()
+    return tuple(c for c in (getattr(mod, n, None) for n in
+                             ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"))
+                 if isinstance(c, type))
+
+
+_BATCHNORM_SPEC = NormSpec(_batchnorm_params)
+_NORM_ACT_SPEC = NormSpec(_batchnorm_params, drop_then_act)
+
+
+def _builtin_spec(module) -> Optional[NormSpec]:
     cls = type(module)
+    for timm_cls in _timm_norm_classes():
+        if isinstance(module, timm_cls):
+            return _NORM_ACT_SPEC if cls.forward is timm_cls.forward else None
     if isinstance(module, nn.SyncBatchNorm):
-        return _batchnorm_params if cls.forward is nn.SyncBatchNorm.forward else None
+        return _BATCHNORM_SPEC if cls.forward is nn.SyncBatchNorm.forward else None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         base = nn.modules.batchnorm._BatchNorm.forward
-        return _batchnorm_params if cls.forward is base else None
+        return _BATCHNORM_SPEC if cls.forward is base else None
     frozen = _frozen_bn_class()
     if frozen is not None and isinstance(module, frozen):
-        return _batchnorm_params if cls.forward is frozen.forward else None
+        return _BATCHNORM_SPEC if cls.forward is frozen.forward else None
     return None
+
+
+def norm_spec(module) -> Optional[NormSpec]:
+    """How to fold a known norm, or ``None``: registered classes first, then the
+    built-in ones; either only with the class's own forward."""
+    for klass in type(module).__mro__:
+        spec = _REGISTRY.get(klass)
+        if spec is not None:
+            return spec if type(module).forward is klass.forward else None
+    return _builtin_spec(module)
 
 
 def is_known_norm(module) -> bool:
     """A norm fusion can fold: built in, or registered, with its class's forward."""
-    return norm_adapter(module) is not None
+    return norm_spec(module) is not None
 
 
 def norm_params(module) -> NormParams:
-    """The eval-mode affine map of a known norm (see :func:`norm_adapter`)."""
-    return norm_adapter(module)(module)
+    """The eval-mode affine map of a known norm."""
+    return norm_spec(module).adapter(module)
 
 
 def norm_adapter(module) -> Optional[NormAdapter]:
     """The adapter for a known norm, or ``None``."""
-    for klass in type(module).__mro__:
-        adapter = _REGISTRY.get(klass)
-        if adapter is not None:
-            return adapter if type(module).forward is klass.forward else None
-    return _builtin_adapter(module)
+    spec = norm_spec(module)
+    return None if spec is None else spec.adapter
+
+
+def norm_remainder(module) -> Optional[nn.Module]:
+    """What stays in a known norm's place once its map is folded: None for
+    nothing, else a module made of the norm's own submodules."""
+    spec = norm_spec(module)
+    if spec is None or spec.remainder is None:
+        return None
+    rest = spec.remainder(module)
+    if rest is not None and not isinstance(rest, nn.Module):
+        raise TypeError(f"the remainder of {type(module).__name__} (register_norm) "
+                        f"returned {type(rest).__name__}, not an nn.Module or None")
+    return rest
+
+
+def replacement(module) -> nn.Module:
+    """The module that takes a folded norm's place: its remainder, or nn.Identity;
+    in the norm's training mode (a fused model is wholly in eval mode)."""
+    rest = norm_remainder(module)
+    if rest is None:
+        rest = nn.Identity()
+        rest.training = module.training
+    elif isinstance(rest, nn.Sequential):
+        rest.training = module.training
+    return rest
+
+
+def describe(module: nn.Module) -> str:
+    """A short name of a replacement: ``Identity``, or ``Sequential(drop=Identity,
+    act=SiLU)``."""
+    if isinstance(module, nn.Sequential) and type(module) is nn.Sequential:
+        inner = ", ".join(f"{k}={type(v).__name__}" for k, v in module._modules.items())
+        return f"Sequential({inner})"
+    return type(module).__name__
 
 
 def is_norm_module(module) -> bool:
     """Every module the report accounts for: known norms, and anything that looks
     like a batch or instance norm but is not foldable (reported with a reason)."""
-    if norm_adapter(module) is not None:
+    if norm_spec(module) is not None:
         return True
     if isinstance(module, nn.modules.batchnorm._NormBase):
+        return True
+    if any(isinstance(module, c) for c in _timm_norm_classes()):
         return True
     frozen = _frozen_bn_class()
     return frozen is not None and isinstance(module, frozen)
@@ -140,20 +251,87 @@ def is_layer(module) -> bool:
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
+_LAYERS: Dict[type, str] = {}
+
+
+def _base_kind(cls) -> Optional[str]:
+    if issubclass(cls, _CONV):
+        return "conv"
+    if issubclass(cls, _CONV_T):
+        return "conv_transpose"
+    if issubclass(cls, nn.Linear):
+        return "linear"
+    return None
+
+
+def register_layer(cls):
+    """Teach fusion a Conv or Linear subclass of your own with its own forward.
+
+    Register only classes whose forward computes exactly what their base class's
+    does with the module's ``weight`` and ``bias``, apart from what happens to
+    the input first (a padding, say), so that scaling an output channel's
+    weights and bias scales that output channel. A norm after such a layer
+    folds into it; a norm before it is left (``unsupported_layer``), since what
+    the forward does to its input may not commute with the norm. Subclasses of
+    ``cls`` that override ``forward`` stay unknown.
+
+    Args:
+        cls: a subclass of ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or
+            ``nn.Linear``.
+
+    Returns:
+        ``cls``, so that it can decorate a class.
+    """
+    if not isinstance(cls, type) or _base_kind(cls) is None:
+        raise TypeError(f"register_layer expects a subclass of nn.Conv1d/2d/3d, "
+                        f"nn.ConvTranspose1d/2d/3d or nn.Linear, got {cls!r}")
+    _LAYERS[cls] = _base_kind(cls)
+    return cls
+
+
+def unregister_layer(cls):
+    """Forget a class added with :func:`register_layer`."""
+    _LAYERS.pop(cls, None)
+
+
+def _timm_layer_classes() -> tuple:
+    """timm's Conv2dSame, where timm is loaded: its forward pads the input (TF's
+    'SAME') and runs F.conv2d with the module's weight, bias, stride, dilation
+    and groups (timm 1.0, read and tested against the real package)."""
+    mod = sys.modules.get("timm.layers.conv2d_same")
+    cls = getattr(mod, "Conv2dSame", None) if mod is not None else None
+    return (cls,) if isinstance(cls, type) else ()
+
+
+def _same_forward(cls, klass) -> bool:
+    same = cls.forward is klass.forward
+    if issubclass(klass, nn.modules.conv._ConvNd) and hasattr(klass, "_conv_forward"):
+        same = same and cls._conv_forward is klass._conv_forward
+    return same
+
 
 def layer_kind(module) -> Optional[str]:
     """``"conv"``, ``"conv_transpose"``, ``"linear"``, or ``None`` for a module
-    fusion cannot fold into (including subclasses with their own forward)."""
+    fusion cannot fold a following norm into (including subclasses with their
+    own forward, unless registered or built in)."""
     cls = type(module)
-    for base in _CONV:
+    for klass in cls.__mro__:
+        kind = _LAYERS.get(klass)
+        if kind is not None:
+            return kind if _same_forward(cls, klass) else None
+    for klass in _timm_layer_classes():
+        if isinstance(module, klass):
+            return "conv" if _same_forward(cls, klass) else None
+    return plain_layer_kind(module)
+
+
+def plain_layer_kind(module) -> Optional[str]:
+    """The kind of a layer with its base class's own forward, which alone a
+    norm *before* it may fold into; None for anything else."""
+    cls = type(module)
+    for base in _CONV + _CONV_T + (nn.Linear,):
         if isinstance(module, base):
-            same = cls.forward is base.forward and cls._conv_forward is base._conv_forward
-            return "conv" if same else None
-    for base in _CONV_T:
-        if isinstance(module, base):
-            return "conv_transpose" if cls.forward is base.forward else None
-    if isinstance(module, nn.Linear):
-        return "linear" if cls.forward is nn.Linear.forward else None
+            return _base_kind(base) if _same_forward(cls, base) else None
     return None
 
 

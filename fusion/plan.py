@@ -10,18 +10,21 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .discover import OTHER, Call, Flow
+from .discover import OTHER, Call, Cat, Flow
 from .errors import FusionError
 from .layers import (
     canonical_names,
+    describe,
     has_hooks,
     in_channels,
     is_layer,
     is_norm_module,
     layer_kind,
-    norm_adapter,
     norm_params,
+    norm_remainder,
+    norm_spec,
     out_channels,
+    plain_layer_kind,
     uses_batch_statistics,
 )
 
@@ -44,7 +47,8 @@ REASONS = {
     "its own call",
     "unknown_norm": "its class is not a known norm (a subclass with its own forward, "
     "InstanceNorm); see fusion.register_norm",
-    "unsupported_layer": "the layer it meets is not a plain Conv/ConvTranspose/Linear",
+    "unsupported_layer": "the layer it meets is not a plain Conv/ConvTranspose/Linear "
+    "(or, for a norm before it, is not a plain Conv/Linear)",
     "needs_example_inputs": "there is no proof of the data flow without a recorded run; "
     "pass example_inputs",
     "zero_padding": "it runs before a conv that pads with zeros, so folding would "
@@ -64,12 +68,23 @@ class Fold:
     layer: str
     after: Optional[str] = None  # the norm that follows the layer
     before: Optional[str] = None  # the norm that precedes it
+    # The channels of ``after`` that this layer's output is, where the norm
+    # follows a torch.cat of several layers' outputs; None for all of them.
+    after_channels: Optional[Tuple[int, int]] = None
     evidence: str = ""
     untie: bool = False  # the layer's weight is shared: give it its own
     bias_added: bool = False
 
     def norms(self) -> List[str]:
         return [n for n in (self.before, self.after) if n is not None]
+
+    def after_map(self, norm: nn.Module):
+        """The NormParams of ``norm`` (the module named ``after``) that fold into
+        this layer: its slice of the channels where it follows a torch.cat."""
+        params = norm_params(norm)
+        if self.after_channels is not None:
+            params = params.channels(*self.after_channels)
+        return params
 
 
 @dataclass
@@ -96,6 +111,8 @@ class Decision:
     direction: Optional[str] = None
     layers: Tuple[str, ...] = ()
     reason: Optional[Reason] = None
+    # After a torch.cat: each layer's channels of the norm, in ``layers`` order.
+    channels: Optional[Tuple[Tuple[int, int], ...]] = None
 
     def __str__(self):
         if self.reason is not None:
@@ -139,6 +156,8 @@ def _producer_reason(flow: Flow, call: Call, modules) -> Optional[Reason]:
     if src is None:
         return Reason("not_after_producer",
                       "its input is not the direct output of a conv or linear layer")
+    if isinstance(src, Cat):
+        return _cat_reason(flow, call, src, modules)
     layer = modules[src.name]
     if layer_kind(layer) is None:
         return Reason("unsupported_layer" if is_layer(layer) else "not_after_producer",
@@ -152,30 +171,91 @@ def _producer_reason(flow: Flow, call: Call, modules) -> Optional[Reason]:
     return None
 
 
-def _after(flow: Flow, calls: List[Call], modules) -> Decision:
+def _cat_reason(flow: Flow, call: Call, cat: Cat, modules) -> Optional[Reason]:
+    """Rule 6b: a norm after ``torch.cat`` along dim 1 folds into each part's
+    layer when every part is the sole output of a conv that runs once, no part
+    is given twice, and the concatenation goes to this norm alone."""
+    names = [p.name for p in cat.parts]
+    shown = ", ".join(names)
+    for part in cat.parts:
+        layer = modules[part.name]
+        if layer_kind(layer) not in ("conv", "conv_transpose"):
+            code = "unsupported_layer" if is_layer(layer) and layer_kind(layer) is None \
+                else "not_after_producer"
+            return Reason(code, f"its input is a torch.cat of {shown}, and {part.name} "
+                          f"({type(layer).__name__}) is not a conv, whose channels are "
+                          f"dim 1")
+        if flow.count(part.name) > 1:
+            return Reason("called_twice", f"its input is a torch.cat of {shown}, and "
+                          f"{part.name} is called {flow.count(part.name)} times")
+        if len(part.users) != 1 or part.users[0] is not cat:
+            return Reason("producer_output_reused", f"its input is a torch.cat of "
+                          f"{shown}, and the output of {part.name} is also used "
+                          f"elsewhere")
+    if len(set(names)) != len(names):
+        return Reason("called_twice", f"its input is a torch.cat that takes the same "
+                      f"layer's output more than once ({shown})")
+    if any(u is not call for u in cat.users):
+        return Reason("producer_output_reused", f"the torch.cat of {shown} that it "
+                      f"normalises is also used elsewhere")
+    return None
+
+
+def _cat_channels(norm: str, cat: Cat, modules, c: int) -> Tuple[Tuple[int, int], ...]:
+    """Each part's channels of the norm after a cat, or FusionError where they
+    do not add up to the norm's."""
+    out, start = [], 0
+    for part in cat.parts:
+        n = out_channels(modules[part.name])
+        out.append((start, start + n))
+        start += n
+    if start != c:
+        raise FusionError(
+            f"{norm}: has {c} channels but the torch.cat of "
+            f"{', '.join(p.name for p in cat.parts)} before it gives {start}, so the "
+            f"model cannot run as built. Fix num_features of {norm} (or the layers) and "
+            f"reload the weights.", norm, "shape")
+    return tuple(out)
+
+
+def _after(flow: Flow, calls: List[Call], modules, norm: str) -> Decision:
     """The norm folds after the layer of each of its calls, or why not."""
     for call in calls:
         reason = _producer_reason(flow, call, modules)
         if reason is not None:
             return Decision(reason=reason)
+    cats = [c.src for c in calls if isinstance(c.src, Cat)]
+    if cats:
+        if len(calls) > 1:
+            return _left("called_twice", f"it is called {len(calls)} times, after a "
+                         f"torch.cat")
+        c = norm_params(modules[norm]).running_mean
+        c = c.numel() if c is not None else 0
+        return Decision("after", tuple(p.name for p in cats[0].parts),
+                        channels=_cat_channels(norm, cats[0], modules, c))
     layers = tuple(c.src.name for c in calls)
     if len(set(layers)) != len(layers):
         return _left("called_twice", f"it follows {layers[0]} more than once")
     return Decision("after", layers)
 
 
-def _before(flow: Flow, calls: List[Call], modules) -> Optional[Decision]:
+def _before(flow: Flow, calls: List[Call], modules, norm: str) -> Optional[Decision]:
     """The norm folds into the one layer call it directly and alone feeds; None
     when it feeds no such call."""
     if len(calls) != 1 or len(calls[0].users) != 1 or calls[0].users[0] is OTHER:
         return None
     user = calls[0].users[0]
-    if user.src is not calls[0] or not is_layer(modules[user.name]):
+    if isinstance(user, Cat) or user.src is not calls[0] or not is_layer(modules[user.name]):
         return None
     layer = modules[user.name]
-    if layer_kind(layer) not in ("conv", "linear"):
+    if plain_layer_kind(layer) not in ("conv", "linear"):
         return _left("unsupported_layer", f"it feeds {user.name} "
                      f"({type(layer).__name__}), which a preceding norm does not fold into")
+    rest = norm_remainder(modules[norm])
+    if rest is not None:
+        return _left("not_after_producer", f"it feeds {user.name}, but its "
+                     f"{describe(rest)} runs in between, so it cannot fold into "
+                     f"that layer's input")
     if flow.count(user.name) > 1:
         return _left("called_twice", f"the layer it feeds, {user.name}, is called "
                      f"{flow.count(user.name)} times")
@@ -187,10 +267,10 @@ def decide(flow: Flow, norm: str, modules) -> Decision:
     calls = flow.calls.get(norm, [])
     if not calls:
         return _uncalled(flow, norm)
-    after = _after(flow, calls, modules)
+    after = _after(flow, calls, modules, norm)
     if after.reason is None:
         return after
-    before = _before(flow, calls, modules)
+    before = _before(flow, calls, modules, norm)
     if before is not None:
         return before
     if len(calls) > 1 and after.reason.code != "called_twice":
@@ -249,10 +329,14 @@ def _check_norm_tensors(name, module):
     return p, c
 
 
-def check_pair(layer_name, layer, norm_name, norm, direction):
+def check_pair(layer_name, layer, norm_name, norm, direction, channels=None):
+    """Checks a pair's tensors and that their channels match (``channels``: the
+    norm's slice that this layer's output is, after a torch.cat)."""
     for what, t in (("weight", layer.weight), ("bias", layer.bias)):
         check_tensor(layer_name, what, t)
     _, c = _check_norm_tensors(norm_name, norm)
+    if channels is not None:
+        c = channels[1] - channels[0]
     want = out_channels(layer) if direction == "after" else in_channels(layer)
     if c != want:
         side = "output" if direction == "after" else "input"
@@ -334,7 +418,7 @@ class _Context:
 
 
 def _rule_known_norm(name, norm, ctx) -> Optional[Reason]:
-    if norm_adapter(norm) is None:
+    if norm_spec(norm) is None:
         return Reason("unknown_norm", f"{type(norm).__name__} is not a known norm; "
                       f"register it with fusion.register_norm if its eval forward is a "
                       f"per-channel affine map")
@@ -439,8 +523,9 @@ def _rule_one_norm_before(name, decision, by_layer) -> Optional[Reason]:
 def _rule_exact_before(name, norm, decision, ctx) -> Optional[Reason]:
     """Checks the pairs' tensors (raising for a broken model), then that a norm
     folded into a layer's input is exact there."""
-    for layer_name in decision.layers:
-        check_pair(layer_name, ctx.modules[layer_name], name, norm, decision.direction)
+    for i, layer_name in enumerate(decision.layers):
+        check_pair(layer_name, ctx.modules[layer_name], name, norm, decision.direction,
+                   decision.channels[i] if decision.channels else None)
     if decision.direction != "before":
         return None
     why = _before_exact(ctx.modules[decision.layers[0]], norm_params(norm))
@@ -481,7 +566,7 @@ def _reason(name, norm, ctx, by_layer) -> Union[Reason, Decision]:
 
 
 def _add_fold(name, decision, ctx, by_layer, evidence):
-    for layer_name in decision.layers:
+    for i, layer_name in enumerate(decision.layers):
         fold = by_layer.get(layer_name)
         if fold is None:
             layer = ctx.modules[layer_name]
@@ -491,6 +576,7 @@ def _add_fold(name, decision, ctx, by_layer, evidence):
             fold.bias_added = layer.bias is None
         if decision.direction == "after":
             fold.after = name
+            fold.after_channels = decision.channels[i] if decision.channels else None
         else:
             fold.before = name
 

@@ -21,6 +21,12 @@ class FusedPair:
     evidence: str
     bias_added: bool = False
     untied: bool = False
+    #: What took the norm's place: ``"Identity"``, or its remainder (timm's
+    #: ``BatchNormAct2d`` leaves ``"Sequential(drop=Identity, act=SiLU)"``).
+    replaced_by: str = "Identity"
+    #: ``[start, stop]``: the norm's channels that this layer's output is, where
+    #: the norm follows a ``torch.cat`` of several layers; None for all.
+    channels: Optional[List[int]] = None
 
 
 @dataclass
@@ -62,6 +68,12 @@ class FusionReport:
         return sum(self.removed_buffers.values())
 
     @property
+    def norms_fused(self) -> int:
+        """How many norm modules were folded (a norm after a torch.cat of several
+        layers is one norm and several pairs)."""
+        return len({p.norm for p in self.fused})
+
+    @property
     def nothing_to_do(self) -> bool:
         return not self.fused and not self.left
 
@@ -98,7 +110,7 @@ class FusionReport:
         if self.nothing_to_do:
             return "Nothing to fuse: the model has no norm modules left."
         removed, added = ("to remove", "to add") if self.dry_run else ("removed", "added")
-        s = (f"{verb} {len(self.fused)} norm(s), left {len(self.left)}; "
+        s = (f"{verb} {self.norms_fused} norm(s), left {len(self.left)}; "
              f"{sum(self.removed_parameters.values())} parameters and "
              f"{self.buffers_removed} buffer elements {removed}, "
              f"{sum(self.added_parameters.values())} bias parameters {added}")
@@ -114,6 +126,11 @@ class FusionReport:
                 extra.append("bias added")
             if p.untied:
                 extra.append("untied weight")
+            if p.channels is not None:
+                extra.append(f"its channels {p.channels[0]}:{p.channels[1]}, after a "
+                             f"torch.cat")
+            if p.replaced_by != "Identity":
+                extra.append(f"replaced by {p.replaced_by}")
             rel = "after" if p.direction == "after" else "before"
             yield ("fused", p.norm, p.layer, f"{rel} layer, evidence {p.evidence}"
                    + (f", {', '.join(extra)}" if extra else ""))
@@ -164,6 +181,7 @@ class FusionReport:
                     f"<thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>")
 
         verb = "would fuse" if self.dry_run else "fused"
+        fused = self.norms_fused
         reasons = ", ".join(f'<code style="{code}">{esc(r)}</code> {n}'
                             for r, n in self._reasons().items())
         removed = "to remove" if self.dry_run else "removed"
@@ -172,7 +190,7 @@ class FusionReport:
                         f"{self.tolerance:.3g}")
         else:
             verified = "not verified (pass example_inputs to verify)"
-        items = [f"{verb} {len(self.fused)} norm(s)",
+        items = [f"{verb} {fused} norm(s)",
                  f"left {len(self.left)}" + (f": {reasons}" if reasons else ""),
                  f"{self.parameters_reduced:,} parameters {removed} (net), "
                  f"{self.buffers_removed:,} buffer elements",

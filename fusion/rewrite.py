@@ -20,7 +20,14 @@ from torch import nn
 
 from ._native import _C
 from .errors import FusionError
-from .layers import NormParams, alias_names, norm_params, out_channels, replace_module
+from .layers import (
+    NormParams,
+    alias_names,
+    norm_params,
+    out_channels,
+    replace_module,
+    replacement,
+)
 from .plan import Fold, Left
 
 __all__ = []
@@ -57,10 +64,12 @@ class Preparation:
 
 @dataclass
 class Replaced:
-    """A norm module taken out of the model under one of its names."""
+    """A norm module taken out of the model under one of its names, and what
+    takes its place there: nn.Identity, or the norm's remainder."""
 
     name: str
     norm: nn.Module
+    new: Optional[nn.Module] = None
 
 
 @dataclass
@@ -179,10 +188,12 @@ def _prepare_one(model, fold: Fold) -> Prepared:
     post = None
     if fold.before is not None and fold.after is not None:
         p.norms[fold.after] = model.get_submodule(fold.after)
-        post = _host_norm(norm_params(p.norms[fold.after]))
+        post = _host_norm(fold.after_map(p.norms[fold.after]))
+    params = fold.after_map(p.norms[main]) if fold.before is None else \
+        norm_params(p.norms[main])
     transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
     p.handle = _C.prepare(weight=weight, bias_in=bias_out if had_bias else None,
-                          bias_out=bias_out, norm=_host_norm(norm_params(p.norms[main])),
+                          bias_out=bias_out, norm=_host_norm(params),
                           before=fold.before is not None,
                           grouped=fold.before is not None or transpose,
                           groups=getattr(layer, "groups", 1), post=post)
@@ -230,7 +241,8 @@ def replacements(model, prepared: List[Prepared]) -> List[Replaced]:
         for norm in p.norms.values():
             if id(norm) not in done:
                 done.add(id(norm))
-                out.extend(Replaced(name, norm) for name in aliases.get(id(norm), ()))
+                new = replacement(norm)
+                out.extend(Replaced(name, norm, new) for name in aliases.get(id(norm), ()))
     return out
 
 
@@ -244,12 +256,8 @@ def _write_steps(model, prepared: List[Prepared], replaced: List[Replaced]):
             steps.append(lambda p=p: setattr(p.layer, "weight", p.install_weight))
         if p.install_bias is not None:
             steps.append(lambda p=p: setattr(p.layer, "bias", p.install_bias))
-    identities = {}
     for r in replaced:
-        if id(r.norm) not in identities:
-            identity = identities[id(r.norm)] = nn.Identity()
-            identity.training = r.norm.training  # a fused model is wholly in eval mode
-        steps.append(lambda r=r, i=identities[id(r.norm)]: replace_module(model, r.name, i))
+        steps.append(lambda r=r: replace_module(model, r.name, r.new))
     return steps
 
 
@@ -293,8 +301,8 @@ def _run_every(steps):
 
 
 def write(model, prepared: List[Prepared]) -> List[Replaced]:
-    """Writes every prepared fold and replaces the folded norms by nn.Identity
-    under every name they are reachable by: all of it, or (if it raises before
+    """Writes every prepared fold and replaces the folded norms (by nn.Identity,
+    or their remainder) under every name they are reachable by: all of it, or (if it raises before
     starting) none of it.
 
     Returns every (name, norm) replaced."""

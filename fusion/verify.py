@@ -83,9 +83,9 @@ def outputs_error(reference, output):
 # --- 1. weights ----------------------------------------------------------------
 
 
-def _exact_fold(weight, bias, norm, direction, groups, transpose, post=None):
-    """The fold in float64 with torch: the reference the C core must match."""
-    p = norm_params(norm)
+def _exact_fold(weight, bias, p, direction, groups, transpose, post=None):
+    """The fold of NormParams ``p`` in float64 with torch: the reference the C
+    core must match."""
     mean, var = p.running_mean.double().cpu(), p.running_var.double().cpu()
     gamma = p.weight.double().cpu() if p.weight is not None else torch.ones_like(mean)
     beta = p.bias.double().cpu() if p.bias is not None else torch.zeros_like(mean)
@@ -175,11 +175,12 @@ def _pair_ulps(p, originals) -> _PairUlps:
     weight, bias = originals[f.layer]
     transpose = isinstance(p.layer, nn.modules.conv._ConvTransposeNd)
     groups = getattr(p.layer, "groups", 1)
+    after = f.after_map(p.norms[f.after]) if f.after is not None else None
     if f.before is not None:
-        post = p.norms.get(f.after) if f.after is not None else None
-        w, b = _exact_fold(weight, bias, p.norms[f.before], "before", groups, False, post)
+        w, b = _exact_fold(weight, bias, norm_params(p.norms[f.before]), "before", groups,
+                           False, after)
     else:
-        w, b = _exact_fold(weight, bias, p.norms[f.after], "after", groups, transpose)
+        w, b = _exact_fold(weight, bias, after, "after", groups, transpose)
     ulps = max(_ulps(p.layer.weight, w), _ulps(p.layer.bias, b))
     return _PairUlps(f, ulps, MAX_ULPS.get(p.layer.weight.dtype, 1))
 

@@ -100,9 +100,10 @@ def test_to_dict_has_the_documented_keys_and_types():
     assert isinstance(d["notes"], list)
     for pair in d["fused"]:
         assert set(pair) == {"norm", "layer", "direction", "evidence", "bias_added",
-                             "untied"}
+                             "untied", "replaced_by", "channels"}
         assert pair["direction"] in ("after", "before")
         assert isinstance(pair["bias_added"], bool) and isinstance(pair["untied"], bool)
+        assert pair["replaced_by"] == "Identity" and pair["channels"] is None
     for left in d["left"]:
         assert set(left) == {"norm", "reason", "detail"}
         assert left["reason"] in REASONS, left
