@@ -65,7 +65,7 @@ export YOLO_CONFIG_DIR := $(CURDIR)/build/yolo-config
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-oldest deps deps-browser deps-tools extras extras-oldest venv venv-oldest install install-oldest test \
-        test-python test-c test-oldest test-ids demo bench bench-full fuzz \
+        test-python test-models test-c test-oldest test-ids demo bench bench-full fuzz \
         test-sanitize test-sanitize-oldest valgrind lint format clean
 
 setup: install
@@ -128,7 +128,12 @@ install: $(STAMPS)/extras
 test: test-c test-python
 
 test-python: install $(STAMPS)/deps-browser
-	$(PY) -P -m pytest -q $(PYTEST_ARGS)
+	$(PY) -P -m pytest -q -m "not models" $(PYTEST_ARGS)
+
+# One committed timm model per family (tests/test_timm.py, marked `models`),
+# each with its measured time; CI runs it after make test.
+test-models: install
+	$(PY) -P -m pytest -q -m models $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/fusion demo
@@ -187,7 +192,7 @@ setup-oldest install-oldest: $(STAMPS)/extras-oldest
 
 test-oldest: install-oldest $(STAMPS)/deps-browser
 	@$(PY_OLDEST) -c 'import torch, torchvision; print("Testing on the oldest supported torch:", torch.__version__, "torchvision", torchvision.__version__)'
-	$(PY_OLDEST) -P -m pytest -q $(PYTEST_ARGS)
+	$(PY_OLDEST) -P -m pytest -q -m "not models" $(PYTEST_ARGS)
 
 # --- native checks -------------------------------------------------------------
 
