@@ -135,8 +135,10 @@ test-python: install $(STAMPS)/deps-browser
 test-models: install
 	$(PY) -P -m pytest -q -m models $(PYTEST_ARGS)
 
+# DEMO_ARGS: e.g. make demo DEMO_ARGS="timm:efficientnet_b0 yolo:yolov8n"
+DEMO_ARGS ?=
 demo: install
-	$(VENV)/bin/fusion demo
+	$(VENV)/bin/fusion demo $(DEMO_ARGS)
 
 # The whole quick run on the current torch, after fuse() time and latency on the
 # oldest (the two that differ notably between them), shown side by side.

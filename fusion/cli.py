@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import FusionError
+from ._tools.offline import ultralytics_offline
 
 __all__ = ["main", "build_parser", "load_source", "load_weights", "parse_example_input",
            "make_example_inputs", "UsageError", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
@@ -165,11 +166,47 @@ def parse_factory_kwargs(text: str) -> dict:
     return value
 
 
+#: SRC prefixes that name a model of a model library, built with its own
+#: initial weights (nothing is downloaded; load yours with --weights).
+LIBRARY_PREFIXES = ("timm:", "yolo:")
+
+
+def _library_model(spec: str, kwargs: dict) -> nn.Module:
+    """``timm:NAME`` (timm.create_model(NAME, pretrained=False, **kwargs)) or
+    ``yolo:NAME`` (ultralytics' DetectionModel from NAME.yaml, or NAME itself
+    where it ends in .yaml)."""
+    library, _, name = spec.partition(":")
+    if not name:
+        raise UsageError(f"{spec}: name a model after {library}:, e.g. "
+                         f"{'timm:efficientnet_b0' if library == 'timm' else 'yolo:yolov8n'}")
+    try:
+        if library == "timm":
+            import timm
+
+            if not timm.is_model(name):
+                raise UsageError(f"{spec}: timm has no model {name!r} (timm.list_models() "
+                                 f"lists them)")
+            return timm.create_model(name, pretrained=False, **kwargs)
+        from ultralytics.nn.tasks import DetectionModel
+
+        yaml = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
+        return DetectionModel(yaml, verbose=False, **kwargs)
+    except UsageError:
+        raise
+    except ImportError as exc:
+        package = "timm" if library == "timm" else "ultralytics"
+        raise UsageError(f"{spec}: needs {package} ({_first_line(exc)}); install it, e.g. "
+                         f"pip install fusion[models]") from exc
+    except Exception as exc:
+        raise UsageError(f"{spec}: building it raised {_first_line(exc)}") from exc
+
+
 def load_source(spec: str, factory_kwargs: Optional[dict] = None) -> nn.Module:
-    """The model named by SRC: a file saved with ``torch.save(model)``, or a factory.
+    """The model named by SRC: a file saved with ``torch.save(model)``, a factory,
+    or a model library's model.
 
     Args:
-        spec: a path, or ``package.module:callable``.
+        spec: a path, ``package.module:callable``, ``timm:NAME`` or ``yolo:NAME``.
         factory_kwargs: the keyword arguments a factory is called with (none by
             default); an error for a file.
 
@@ -180,7 +217,10 @@ def load_source(spec: str, factory_kwargs: Optional[dict] = None) -> nn.Module:
         UsageError: the file cannot be read, the factory cannot be imported or
             called, or the result is not an ``nn.Module``.
     """
-    if os.path.exists(spec) or not _FACTORY.match(spec):
+    if spec.startswith(LIBRARY_PREFIXES) and not os.path.exists(spec):
+        obj = _library_model(spec, factory_kwargs or {})
+        what = spec
+    elif os.path.exists(spec) or not _FACTORY.match(spec):
         if factory_kwargs:
             raise UsageError(f"{spec}: --factory-kwargs applies to a factory "
                              f"(package.module:callable), not to a saved model")
@@ -437,10 +477,13 @@ def _inputs_from(args):
 
 def _load_model(args) -> nn.Module:
     """SRC with its --weights, in eval mode: a factory builds a model in training
-    mode, and fusing is for inference, so the CLI says nothing about it."""
-    model = load_source(args.src, args.factory_kwargs)
-    if args.weights:
-        load_weights(model, args.weights)
+    mode, and fusing is for inference, so the CLI says nothing about it. What
+    building or unpickling it prints (ultralytics' settings notice, a factory's
+    own output) goes to stderr: stdout is the report's."""
+    with contextlib.redirect_stdout(sys.stderr):
+        model = load_source(args.src, args.factory_kwargs)
+        if args.weights:
+            load_weights(model, args.weights)
     return model.eval()
 
 
@@ -509,24 +552,50 @@ def _demo_models():
     return DEFAULT_MODELS
 
 
+def _check_demo_name(name: str) -> None:
+    """Raises UsageError unless ``name`` is a torchvision builder, ``timm:NAME``
+    or ``yolo:NAME`` of an installed library."""
+    from ._tools import models
+
+    library, bare = models.split_name(name)
+    try:
+        if library == "timm":
+            import timm
+
+            if not timm.is_model(bare):
+                raise UsageError(f"{name!r}: timm has no model {bare!r}")
+            return
+        if library == "yolo":
+            from ._tools import yolo
+
+            if bare not in yolo.MODELS:
+                raise UsageError(f"{name!r}: the demo builds {', '.join(yolo.MODELS)} "
+                                 f"(as yolo:NAME)")
+            import ultralytics  # noqa: F401
+            return
+        import torchvision
+    except ImportError as exc:
+        package = {"timm": "timm", "yolo": "ultralytics"}.get(library, "torchvision")
+        raise UsageError(f"{name!r}: the demo needs {package} ({_first_line(exc)})") from exc
+    if not bare[:1].islower() or not callable(getattr(torchvision.models, bare, None)):
+        raise UsageError(f"--models: {name!r} is not a model builder in "
+                         f"torchvision.models (e.g. resnet50, mobilenet_v2), nor "
+                         f"timm:NAME or yolo:NAME")
+
+
 def _cmd_demo(args, progress: _Progress) -> int:
     from ._tools import demo
 
-    try:
-        import torchvision  # noqa: F401
-    except ImportError as exc:
-        raise UsageError(f"the demo needs torchvision ({_first_line(exc)})") from exc
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    names = list(args.names) + [n.strip() for n in (args.models or "").split(",")
+                                if n.strip()]
     if not names:
-        raise UsageError("--models: name at least one torchvision model")
+        names = list(_demo_models())
     for name in names:
-        if not name[:1].islower() or not callable(getattr(torchvision.models, name, None)):
-            raise UsageError(f"--models: {name!r} is not a model builder in "
-                             f"torchvision.models (e.g. resnet50, mobilenet_v2)")
+        _check_demo_name(name)
     if args.threads is not None:
         demo.set_threads(args.threads)
-    progress.print("fusion demo: torchvision models with random weights and BatchNorm "
-                   "statistics calibrated on random data; nothing is downloaded.")
+    progress.print("fusion demo: models with random weights and BatchNorm statistics "
+                   "calibrated on random data; nothing is downloaded.")
     progress.print(demo.format_environment(demo.environment()))
     progress.start(demo.STEPS * len(names))
     results = []
@@ -573,7 +642,9 @@ def _add_source(p: argparse.ArgumentParser, verifies: bool) -> None:
                    help="a model saved with torch.save(model) (trusted files only: it is "
                         "unpickled; loaded onto the CPU), or a factory "
                         "package.module:callable, e.g. torchvision.models:resnet50, "
-                        "called with --factory-kwargs (none by default)")
+                        "called with --factory-kwargs (none by default); or timm:NAME "
+                        "(timm.create_model, pretrained=False) or yolo:NAME "
+                        "(ultralytics' DetectionModel from NAME.yaml)")
     p.add_argument("--weights", metavar="FILE",
                    help="a state_dict (torch.save(model.state_dict())) to load into the "
                         "model before fusing")
@@ -629,6 +700,10 @@ examples:
   fusion fuse model.pt -o fused.pt --example-input 1,3,224,224:float16 \\
       --report report.json
 
+  # a timm or ultralytics model by name, with your weights
+  fusion fuse timm:efficientnet_b0 --weights effnet.pth -o fused.pt
+  fusion fuse yolo:yolov8n --weights state_dict.pt -o fused.pt --example-input 1,3,640,640
+
 {textwrap.fill(_TRUST, 79)}
 The fused model is written with torch.save(model); load it with
 torch.load(OUT, weights_only=False) where the module defining its class is
@@ -647,6 +722,7 @@ _DEMO_EPILOG = """\
 examples:
   fusion demo
   fusion demo --models resnet18 --threads 1 --repeats 10
+  fusion demo timm:efficientnet_b0 yolo:yolov8n     (with timm and ultralytics)
 
 The latency is the median of interleaved runs at batch 1 on the CPU; the thread
 counts of torch and of the BLAS are printed with it.
@@ -715,12 +791,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.commands["analyze"] = p
 
     p = sub.add_parser("demo", formatter_class=fmt, epilog=_DEMO_EPILOG,
-                       help="fuse real torchvision models and measure them",
-                       description="Build torchvision models with random weights and\n"
+                       help="fuse real models (torchvision, timm, YOLO) and measure them",
+                       description="Build real models with random weights and\n"
                                    "calibrated BatchNorm statistics, fuse them, and show\n"
                                    "what was removed, the output error and the latency.")
-    p.add_argument("--models", default=",".join(_demo_models()), metavar="NAMES",
-                   help="comma-separated torchvision model names (default: %(default)s)")
+    p.add_argument("names", nargs="*", metavar="MODEL",
+                   help="a torchvision model name (resnet50), timm:NAME "
+                        "(timm:efficientnet_b0) or yolo:NAME (yolo:yolov8n), where timm "
+                        "or ultralytics is installed (default: "
+                        f"{', '.join(_demo_models())})")
+    p.add_argument("--models", metavar="NAMES",
+                   help="the same, comma-separated")
     p.add_argument("--threads", type=_positive_int, metavar="N",
                    help="threads for torch and the BLAS (default: as they are)")
     p.add_argument("--repeats", type=_positive_int, metavar="N",
@@ -747,6 +828,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         The exit code: 0 done, 1 fusion failed, 2 usage error or unreadable file.
     """
+    # Before anything can import ultralytics: a yolo: source, a pickled YOLO
+    # model, the demo.
+    ultralytics_offline()
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

@@ -102,6 +102,7 @@ def _no_network():
     if tried:
         pytest.fail(f"the test tried to reach the network: {tried}")
 
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

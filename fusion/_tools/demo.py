@@ -1,4 +1,5 @@
-"""The demo behind ``fusion demo`` and ``make demo``: real torchvision models, fused.
+"""The demo behind ``fusion demo`` and ``make demo``: real models, fused
+(torchvision's, and timm's and ultralytics' YOLO where those are installed).
 
 Each model is built with random weights (nothing is downloaded), its norms get a
 random affine map, and its BatchNorm statistics are calibrated on random data so
@@ -22,7 +23,7 @@ from torch import nn
 from ..api import fuse
 from ..report import FusionReport
 from .machine import environment, format_environment, set_threads
-from .models import build, input_shape
+from .models import build, input_shape, outputs
 
 __all__ = [
     "DEFAULT_MODELS",
@@ -120,7 +121,7 @@ class DemoResult:
     """What the demo measured on one model.
 
     Attributes:
-        name: the torchvision model name.
+        name: the model name (torchvision, timm:NAME or yolo:NAME).
         parameters_before: parameter elements of the original model.
         parameters_after: parameter elements of the fused model.
         report: fuse's :class:`FusionReport` (verified on one example input).
@@ -165,10 +166,11 @@ def _count(model) -> int:
 
 def run_model(name: str, *, repeats: Optional[int] = None, seed: int = 0,
               progress: Progress = None) -> DemoResult:
-    """Builds, calibrates, fuses, checks and times one torchvision model.
+    """Builds, calibrates, fuses, checks and times one model.
 
     Args:
-        name: a model builder in ``torchvision.models``.
+        name: a model builder in ``torchvision.models``, ``timm:NAME`` or
+            ``yolo:NAME``.
         repeats: timed runs of each model; by default as many as fit in a few
             seconds.
         seed: the seed of the weights and data.
@@ -194,8 +196,7 @@ def run_model(name: str, *, repeats: Optional[int] = None, seed: int = 0,
     fuse_s = time.perf_counter() - start
 
     step(f"{name}: measuring the error")
-    with torch.no_grad():
-        rel_err = relative_error(model(fresh), fused(fresh))
+    rel_err = relative_error(outputs(name, model, fresh), outputs(name, fused, fresh))
     step(f"{name}: timing")
     latency = measure_latency(model, fused, example, repeats)
     return DemoResult(name, _count(model), _count(fused), report, rel_err,

@@ -14,7 +14,21 @@ from typing import Tuple
 import torch
 from torch import nn
 
-__all__ = ["ZOO", "build", "calibrate", "count_norms", "input_shape"]
+__all__ = ["ZOO", "build", "calibrate", "count_norms", "input_shape", "split_name",
+           "outputs"]
+
+#: Name prefixes of the model libraries: ``timm:efficientnet_b0``, ``yolo:yolov8n``.
+LIBRARIES = ("timm", "yolo")
+
+
+def split_name(name: str):
+    """``("timm", "efficientnet_b0")`` for ``timm:efficientnet_b0``; ``(None,
+    name)`` for a torchvision model name."""
+    library, sep, bare = name.partition(":")
+    if sep and library in LIBRARIES:
+        return library, bare
+    return None, name
+
 
 #: One model of each torchvision classification family that has BatchNorm.
 ZOO = [
@@ -36,9 +50,37 @@ _IMAGE_SIZE = {"inception_v3": 299}
 
 
 def input_shape(name: str, batch: int = 1) -> Tuple[int, ...]:
-    """The input shape a torchvision classification model expects."""
+    """The input shape a model expects: a torchvision classification model by
+    name, ``timm:NAME`` or ``yolo:NAME``."""
+    library, bare = split_name(name)
+    if library == "timm":
+        from . import timm_zoo
+
+        size = timm_zoo.input_size(bare)
+        return (batch, 3, size, size)
+    if library == "yolo":
+        from . import yolo
+
+        return tuple(yolo.input_shape(bare, batch=batch))
     size = _IMAGE_SIZE.get(name, 224)
     return (batch, 3, size, size)
+
+
+def outputs(name: str, model, x) -> torch.Tensor:
+    """The model's output on ``x`` as one flat float tensor, for comparing a
+    fused model with its original: YOLO's raw head outputs before NMS
+    (yolo.raw_outputs), else every output tensor, flattened and concatenated."""
+    from ..layers import tensors
+
+    library, _ = split_name(name)
+    with torch.no_grad():
+        if library == "yolo":
+            from . import yolo
+
+            parts = yolo.raw_outputs(model, x)
+        else:
+            parts = list(tensors(model(x)))
+    return torch.cat([t.detach().reshape(-1).double() for t in parts])
 
 
 def calibrate(model, shape=(4, 3, 96, 96), steps=3, seed=0):
@@ -62,11 +104,21 @@ def calibrate(model, shape=(4, 3, 96, 96), steps=3, seed=0):
 
 
 def build(name, seed=0, shape=(4, 3, 96, 96)):
-    """A torchvision classification model by builder name, calibrated.
+    """A model by name, calibrated: a torchvision classification model builder,
+    ``timm:NAME`` or ``yolo:NAME``.
 
     Raises:
         ValueError: ``name`` is not a model builder in ``torchvision.models``.
     """
+    library, bare = split_name(name)
+    if library == "timm":
+        from . import timm_zoo
+
+        return timm_zoo.build(bare, seed=seed)
+    if library == "yolo":
+        from . import yolo
+
+        return yolo.build(bare, seed=seed)
     import torchvision
 
     builder = getattr(torchvision.models, name, None)

@@ -1,0 +1,191 @@
+"""ultralytics YOLO models with random weights and calibrated BatchNorm (nothing
+is downloaded: every model is built from ultralytics' own yaml or from its
+modules), shared by the tests, the benchmarks and the demo.
+
+ultralytics is imported lazily, inside the functions, and only after
+``YOLO_OFFLINE``, ``YOLO_AUTOINSTALL`` and ``YOLO_CONFIG_DIR`` are set (where
+unset): at import it would otherwise probe public DNS servers, may pip-install
+packages, and writes a settings file under the home directory.
+
+Models (:data:`MODELS`):
+
+- ``yolov8n``, ``yolo11n``: ``ultralytics.nn.tasks.DetectionModel("<name>.yaml")``,
+  80 classes, 57 and 81 BatchNorm2d.
+- ``repconv``: ``yolov9t.yaml``, whose RepNCSPELAN4 blocks hold RepConv modules
+  (two Conv+BN branches summed: each BN folds into its own branch's conv;
+  ultralytics' fuser then merges the branches), 221 BatchNorm2d.
+- ``convtranspose``: a small :class:`DeconvNet` (an ultralytics ``BaseModel``, so
+  ``model.fuse()`` is ultralytics' own): ``Conv(3, 8, 3, 2)`` ->
+  ``ConvTranspose(8, 8, bn=True)`` (k=2, s=2) -> ``nn.Conv2d(8, 4, 1)``.
+- ``convtranspose_grouped``: the same with ``groups=4`` in the transposed conv.
+  ultralytics' ``ConvTranspose(c1, c2, k=2, s=2, p=0, bn=True, act=True)`` has no
+  groups argument (8.4.190), so its ``conv_transpose`` attribute is replaced by
+  ``nn.ConvTranspose2d(8, 8, 2, 2, groups=4, bias=False)``: the module's own
+  ``forward`` and ``forward_fuse``, and ultralytics' ``fuse_deconv_and_bn``, read
+  nothing but that attribute and ``bn``.
+"""
+import os
+from typing import List, Tuple
+
+import torch
+from torch import nn
+
+from .models import calibrate
+
+__all__ = ["MODELS", "DETECTION", "build", "input_shape", "raw_outputs", "max_rel_err",
+           "count_norms", "ultralytics_version"]
+
+#: Detection models built from ultralytics' yaml: name -> yaml.
+DETECTION = {"yolov8n": "yolov8n.yaml", "yolo11n": "yolo11n.yaml", "repconv": "yolov9t.yaml"}
+#: Every model :func:`build` makes.
+MODELS = ["yolov8n", "yolo11n", "repconv", "convtranspose", "convtranspose_grouped"]
+
+_SIZE = {"convtranspose": 32, "convtranspose_grouped": 32}
+
+
+def _offline():
+    """The environment ultralytics reads at import; set before importing it."""
+    os.environ.setdefault("YOLO_OFFLINE", "True")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
+    os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(
+        os.path.expanduser("~"), ".cache", "fusion", "ultralytics"))
+
+
+def ultralytics_version() -> str:
+    _offline()
+    import ultralytics
+
+    return ultralytics.__version__
+
+
+_DECONV_CLASS = None
+
+
+def _deconv_class():
+    """DeconvNet, made on first use (its base class is ultralytics' BaseModel,
+    which is imported only then); module ``__getattr__`` serves it under its
+    name, so that pickled instances load in any process."""
+    global _DECONV_CLASS
+    if _DECONV_CLASS is not None:
+        return _DECONV_CLASS
+    _offline()
+    from ultralytics.nn.modules import Conv, ConvTranspose
+    from ultralytics.nn.tasks import BaseModel
+
+    class DeconvNet(BaseModel):
+        """Conv -> ConvTranspose (+BN, SiLU) -> 1x1 Conv2d, run by BaseModel's own
+        forward (``_predict_once``) and fused by BaseModel's own ``fuse()``."""
+
+        def __init__(self, groups=1):
+            super().__init__()
+            layers = [Conv(3, 8, 3, 2), ConvTranspose(8, 8, bn=True), nn.Conv2d(8, 4, 1)]
+            if groups != 1:
+                layers[1].conv_transpose = nn.ConvTranspose2d(8, 8, 2, 2, 0, groups=groups,
+                                                              bias=False)
+            for i, m in enumerate(layers):
+                m.i, m.f, m.type = i, -1, type(m).__name__
+            self.model = nn.Sequential(*layers)
+            self.save = []
+            self.stride = torch.tensor([2.0])
+
+    DeconvNet.__module__ = __name__
+    DeconvNet.__qualname__ = "DeconvNet"
+    _DECONV_CLASS = DeconvNet
+    return DeconvNet
+
+
+def __getattr__(name):
+    if name == "DeconvNet":
+        return _deconv_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def input_shape(name: str, batch: int = 1) -> Tuple[int, ...]:
+    """The input shape used for ``name``: 64x64 for the detection models (a
+    multiple of their stride 32: three heads of 8x8, 4x4 and 2x2 anchors), 32x32
+    for the small ConvTranspose models."""
+    if name not in MODELS:
+        raise ValueError(f"{name!r} is not one of {MODELS}")
+    size = _SIZE.get(name, 64)
+    return (batch, 3, size, size)
+
+
+def build(name: str, seed: int = 0, shape=None):
+    """A model of :data:`MODELS` with random weights (``torch.manual_seed(seed)``),
+    every BatchNorm given a random affine map and calibrated statistics
+    (:func:`fusion._tools.models.calibrate` on random batches of ``shape``,
+    by default ``input_shape(name, batch=2)``), in eval mode.
+
+    Raises:
+        ValueError: ``name`` is not in :data:`MODELS`.
+    """
+    if name not in MODELS:
+        raise ValueError(f"{name!r} is not one of {MODELS}")
+    shape = tuple(shape) if shape is not None else input_shape(name, batch=2)
+    _offline()
+    torch.manual_seed(seed)
+    if name in DETECTION:
+        from ultralytics.nn.tasks import DetectionModel
+
+        model = DetectionModel(DETECTION[name], verbose=False)
+    else:
+        model = _deconv_class()(groups=4 if name == "convtranspose_grouped" else 1)
+    return calibrate(model, shape=shape, steps=3, seed=seed)
+
+
+def raw_outputs(model, x) -> List[torch.Tensor]:
+    """The model's raw tensors before NMS, as a flat list.
+
+    In eval mode ultralytics' ``DetectionModel`` returns ``(y, preds)``: ``y`` is
+    the decoded ``[B, 4 + nc, anchors]`` (DFL-decoded boxes times the anchors'
+    strides, and sigmoid scores), ``preds`` the dict ``{"boxes": [B, 4 * reg_max,
+    anchors], "scores": [B, nc, anchors], "feats": [the three neck maps]}``; the
+    end-to-end heads (YOLOv10, YOLO26) nest it under ``"one2many"`` and
+    ``"one2one"``; with ``Detect.export`` set only ``y`` is returned.
+
+    Returned: ``preds["boxes"]`` (the box-distribution logits) and
+    ``preds["scores"]`` (the class logits), the head's outputs before any
+    decoding, then the three feature maps the head reads; for an end-to-end head
+    those of each branch. The decoded boxes are not compared: they are
+    ``anchor ± distance`` times the stride, so the anchor grid (exact, the same
+    in both models) dominates their norm and hides the error of the weights, and
+    the sigmoid squashes the score logits. A model that returns something else
+    (the small ConvTranspose models, an export-mode head) gives every tensor it
+    returns, in order.
+    """
+    with torch.no_grad():
+        out = model(x)
+    if isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[1], dict):
+        preds = out[1]
+        branches = [preds[k] for k in ("one2many", "one2one") if k in preds] or [preds]
+        parts = []
+        for p in branches:
+            parts += [p["boxes"], p["scores"], *p.get("feats", [])]
+        return parts
+    return _flatten(out)
+
+
+def _flatten(obj) -> List[torch.Tensor]:
+    if torch.is_tensor(obj):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _flatten(o)]
+    return []
+
+
+def max_rel_err(outputs, reference) -> float:
+    """The largest ``||a - r||_2 / ||r||_2`` over the tensors of two lists (as
+    :func:`raw_outputs` gives them), computed in float64."""
+    if len(outputs) != len(reference):
+        raise ValueError(f"{len(outputs)} outputs against {len(reference)} references")
+    worst = 0.0
+    for a, r in zip(outputs, reference):
+        a, r = a.detach().double(), r.detach().double()
+        worst = max(worst, float((a - r).norm() / r.norm()))
+    return worst
+
+
+def count_norms(model) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
