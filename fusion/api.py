@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from . import rewrite
-from .discover import MODEL_LOCK, Flow, flow_from_fx, flow_from_run, flow_from_sequentials
+from .discover import (
+    MODEL_LOCK,
+    Flow,
+    flow_from_fx,
+    flow_from_run,
+    flow_from_sequentials,
+    resized_inputs,
+)
 from .errors import FusionError
 from .layers import (
     describe,
@@ -21,6 +28,7 @@ from .layers import (
     out_channels,
     replace_module,
     replacement,
+    tensors,
 )
 from .plan import ROOT, Fold, Plan, check_pair, make_plan
 from .report import FusedPair, FusionReport, LeftNorm
@@ -174,12 +182,16 @@ class Evidence:
     flows: List[Flow]
     output: Any = None
     fx_error: Optional[str] = None
+    shapes_note: Optional[str] = None  # what the check at another size showed
 
     def notes(self, recorded: bool) -> List[str]:
+        out = []
         if self.fx_error and recorded:
-            return [f"torch.fx could not trace the model ({self.fx_error}); the "
-                    f"recorded run on example_inputs is the evidence"]
-        return []
+            out.append(f"torch.fx could not trace the model ({self.fx_error}); the "
+                       f"recorded run on example_inputs is the evidence")
+        if self.shapes_note:
+            out.append(self.shapes_note)
+        return out
 
 
 def _fx_error(exc) -> str:
@@ -187,7 +199,55 @@ def _fx_error(exc) -> str:
     return f"{type(exc).__name__}: {first.split('. ')[0][:120]}"
 
 
-def _discover(target, args) -> Evidence:
+def _shapes(args) -> str:
+    shown = [tuple(t.shape) for t in tensors(args)]
+    return ", ".join(str(s) for s in shown[:3]) + (" ..." if len(shown) > 3 else "")
+
+
+def _check_other_size(target, args, flow: Flow, evidence: Evidence, fixed_shapes: bool):
+    """A recorded run is the only evidence and the forward read input sizes: a
+    branch on them could take another path at another size. Runs it again at
+    another size derived from the inputs; the plan then requires both runs to
+    agree (``shape_dependent_flow``), or, where it cannot run there, leaves
+    what they prove unless ``fixed_shapes``."""
+    n = flow.shape_reads
+    reads = f"the forward read input sizes {n} time{'s' if n != 1 else ''} (x.shape, x.size())"
+    if fixed_shapes:
+        evidence.shapes_note = (f"{reads}; with fixed_shapes=True the folds hold for "
+                                f"inputs of the example's shapes ({_shapes(args)}) only")
+        return
+    other = resized_inputs(args)
+    why = None
+    if other is None:
+        why = "no input is an image-like tensor to resize"
+    else:
+        try:
+            second, _ = run_model(target, other[0], flow_from_run)
+        except Exception as exc:
+            why = f"at shape {other[1][0]} it raised {_first_line(exc)}"
+    if why is not None:
+        flow.shapes_unchecked = (
+            f"{reads}, torch.fx could not trace it, and it could not be checked at "
+            f"another size ({why}); the fold would hold for inputs of shape "
+            f"{_shapes(args)} only. Pass fixed_shapes=True if the model only ever sees "
+            f"inputs of these shapes")
+        evidence.shapes_note = flow.shapes_unchecked
+        return
+    second.resized = True
+    second.label = f"the recorded run at {', '.join(map(str, other[1][:2]))}"
+    flow.label = f"the recorded run at {_shapes(args)}"
+    evidence.flows.append(second)
+    evidence.shapes_note = (f"{reads}, and torch.fx could not trace it: a second "
+                            f"recorded run at another size ({', '.join(map(str, other[1][:2]))}"
+                            f") had to agree on every fold")
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
+
+
+def _discover(target, args, fixed_shapes=False) -> Evidence:
     evidence = Evidence([])
     try:
         evidence.flows.append(flow_from_fx(target))
@@ -204,6 +264,8 @@ def _discover(target, args) -> Evidence:
                 f"Pass inputs the model accepts (a tuple is taken as positional "
                 f"arguments).", None, "example_inputs") from exc
         evidence.flows.append(flow)
+        if evidence.fx_error is not None and flow.shape_reads:
+            _check_other_size(target, args, flow, evidence, fixed_shapes)
     if not evidence.flows:
         flow = flow_from_sequentials(target)
         flow.note = evidence.fx_error
@@ -391,7 +453,7 @@ def _fuse_wrapped(wrapper, inner, options, return_report):
 
 
 def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
-         strict=False, return_report=False):
+         strict=False, fixed_shapes=False, return_report=False):
     """Fold every provably foldable norm of ``model`` into the layer it meets.
 
     The result is the same class, with the same attributes and forward; each
@@ -414,6 +476,11 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
         rtol: the tolerance on the relative output error; by default it is
             calibrated for the model (see the README).
         strict: raise ``FusionError`` if any norm module is left unfused.
+        fixed_shapes: the model will only ever see inputs of ``example_inputs``'
+            shapes. Where a recorded run is the only evidence and the forward
+            reads input sizes, fusion otherwise runs it again at another size
+            (twice the spatial size, one more in the batch), and folds only
+            what both runs prove; with True it folds what the one run proves.
         return_report: return ``(model, FusionReport)`` instead of the model.
 
     Returns:
@@ -429,12 +496,12 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
     if inner is not None:
         return _fuse_wrapped(model, inner, dict(
             inplace=inplace, example_inputs=example_inputs, verify=verify, rtol=rtol,
-            strict=strict), return_report)
+            strict=strict, fixed_shapes=fixed_shapes), return_report)
     args, verify = _check_options(example_inputs, verify, rtol)
     target = model if inplace else _copy(model)
     with _training_restored_on_error(model, restore=inplace) as was_training:
         target.eval()
-        evidence = _discover(target, args)
+        evidence = _discover(target, args, fixed_shapes)
         plan = make_plan(target, evidence.flows)
         preparation = rewrite.prepare(target, plan.folds)
         _check_strict(strict, plan, preparation)
@@ -463,12 +530,13 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
     return (target, report) if return_report else target
 
 
-def analyze(model, *, example_inputs=None):
+def analyze(model, *, example_inputs=None, fixed_shapes=False):
     """A dry run of :func:`fuse`: the report of what it would do. Changes nothing.
 
     Args:
         model: the ``nn.Module`` to analyze.
         example_inputs: as for :func:`fuse`.
+        fixed_shapes: as for :func:`fuse`.
 
     Returns:
         A :class:`FusionReport` with ``dry_run=True``.
@@ -476,12 +544,13 @@ def analyze(model, *, example_inputs=None):
     _check_model(model)
     inner = _wrapped(model)
     if inner is not None:
-        return _prefixed(analyze(inner, example_inputs=example_inputs), _WRAPPED)
+        return _prefixed(analyze(inner, example_inputs=example_inputs,
+                                 fixed_shapes=fixed_shapes), _WRAPPED)
     args = _as_args(example_inputs)
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        evidence = _discover(model, args)
+        evidence = _discover(model, args, fixed_shapes)
         plan = make_plan(model, evidence.flows)
         preparation = rewrite.prepare(model, plan.folds)
     finally:

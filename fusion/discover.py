@@ -74,6 +74,10 @@ class Flow:
     escaped: Set[str] = field(default_factory=set)  # params used outside own call
     placed: Set[str] = field(default_factory=set)  # sequential: input is a sibling's
     value_reads: int = 0  # recorded: tensor values read into Python (if x.sum() > 0)
+    shape_reads: int = 0  # recorded: sizes read into Python (x.shape, x.size(), len(x))
+    label: Optional[str] = None  # how reports name this flow, where not by source
+    resized: bool = False  # recorded: the second run, at another input size
+    shapes_unchecked: Optional[str] = None  # recorded: why no run at another size
     uncalled: List[str] = field(default_factory=list)  # recorded: tracked, never called
     note: Optional[str] = None
 
@@ -216,6 +220,8 @@ class _Recorder:
         self.owners: Dict[int, Set[str]] = {}  # id(param or buffer) -> module names
         self.thread = threading.get_ident()
         self.value_reads = 0
+        self.shape_reads = 0
+        self.internal = False  # inside the recorder's own hooks: not the model's reads
         for m in model.modules():
             if is_interesting(m):
                 name = self.names[id(m)]
@@ -223,6 +229,13 @@ class _Recorder:
                     self.owners.setdefault(id(t), set()).add(name)
 
     def pre_hook(self, module, args):
+        self.internal = True
+        try:
+            self._pre_hook(module, args)
+        finally:
+            self.internal = False
+
+    def _pre_hook(self, module, args):
         call = Call(self.names[id(module)])
         self.flow.add(call)
         if len(args) == 1 and isinstance(args[0], torch.Tensor):
@@ -303,6 +316,15 @@ _VALUE_READS = {
 _ATEN_CAT = torch.ops.aten.cat.default
 
 
+def _is_shape_read(func) -> bool:
+    """``x.shape``, ``x.size()``, ``len(x)``, ``x.numel()``: what a forward
+    reads to branch on sizes (not ``x.dim()``: a second run keeps the rank)."""
+    if func is torch.Tensor.size or func is torch.Tensor.__len__ or \
+            func is torch.Tensor.numel:
+        return True
+    return getattr(func, "__self__", None) is torch.Tensor.shape
+
+
 def _misfit(module, x) -> Optional[str]:
     """How input ``x`` does not fit a layer's channels or dtype, or None."""
     if not (is_layer(module) and isinstance(x, torch.Tensor)):
@@ -341,7 +363,16 @@ def flow_from_run(model, example_inputs):
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from torch.overrides import TorchFunctionMode
+
     rec = _Recorder(model)
+
+    class _Shapes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if not rec.internal and threading.get_ident() == rec.thread and \
+                    _is_shape_read(func):
+                rec.shape_reads += 1
+            return func(*args, **(kwargs or {}))
 
     class _Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -360,7 +391,7 @@ def flow_from_run(model, example_inputs):
                 handles.append(m.register_forward_pre_hook(rec.pre_hook))
                 handles.append(m.register_forward_hook(rec.post_hook))
         try:
-            with MODEL_LOCK, torch.no_grad(), _Mode():
+            with MODEL_LOCK, torch.no_grad(), _Shapes(), _Mode():
                 output = model(*example_inputs)
         except Exception as exc:
             if not rec.stack:
@@ -373,6 +404,7 @@ def flow_from_run(model, example_inputs):
         for h in handles:
             h.remove()
     rec.flow.value_reads = rec.value_reads
+    rec.flow.shape_reads = rec.shape_reads
     rec.flow.uncalled = [rec.names[id(m)] for m in model.modules()
                          if is_interesting(m) and rec.names[id(m)] not in rec.flow.calls]
     if rec.value_reads:
@@ -382,6 +414,44 @@ def flow_from_run(model, example_inputs):
             f"control flow these example inputs take"
         )
     return rec.flow, output
+
+
+def _resized_tensor(t: torch.Tensor, batched: bool) -> torch.Tensor:
+    """``t`` at twice its spatial size (nearest-neighbour, so every size stays a
+    multiple of what it was), with one more batch element where ``batched``."""
+    from torch.nn import functional as F
+
+    x = t if batched else t.unsqueeze(0)  # (N, C, *spatial), or one image (C, *spatial)
+    if x.dim() >= 3:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    if not batched:
+        return x.squeeze(0)
+    return torch.cat([x, x[:1].flip(-1)], 0)
+
+
+def resized_inputs(args):
+    """The example inputs at another size, derived from them, for a second
+    recorded run: each floating tensor of rank 3 to 5 at twice its spatial size
+    with one more batch element (a list of images: each image at twice its
+    size). ``(inputs, shapes)``, or None where no input can be resized."""
+    changed = []
+
+    def one(t, batched):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and
+                3 <= t.dim() <= 5):
+            return t
+        out = _resized_tensor(t, batched)
+        changed.append(tuple(out.shape))
+        return out
+
+    out = []
+    for a in args:
+        if isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) and
+                                                      t.dim() == 3 for t in a):
+            out.append(type(a)(one(t, False) for t in a))  # a list of images
+        else:
+            out.append(one(a, True))
+    return (tuple(out), changed) if changed else None
 
 
 # --- nn.Sequential adjacency ---------------------------------------------------

@@ -58,6 +58,8 @@ REASONS = {
     "value_dependent_flow": "the forward branches on tensor values and the recorded "
     "run left some layers or norms uncalled, so another input may take a path where "
     "the fold is wrong",
+    "shape_dependent_flow": "only a recorded run proves it, the forward reads input "
+    "sizes, and a run at another size disagrees or could not be made",
 }
 
 
@@ -456,9 +458,19 @@ NORM_RULES = [_rule_known_norm, _rule_running_stats, _rule_no_hooks, _rule_param
 def _agreed(name, ctx) -> Decision:
     """The one decision every flow agrees on (rules 5-7), or why there is none."""
     decisions = [decide(f, name, ctx.modules) for f in ctx.flows]
+    resized = [(f, d) for f, d in zip(ctx.flows, decisions) if f.resized]
+    if resized and any(d != decisions[0] for _, d in resized):
+        shown = "; ".join(f"{f.label or f.source}: {d}" for f, d in zip(ctx.flows, decisions)
+                          if f.source == "recorded")
+        return _left("shape_dependent_flow", f"the forward reads input sizes and the "
+                     f"recorded runs at two sizes disagree ({shown}), so the fold holds "
+                     f"for some input sizes only")
     left = next((d for d in decisions if d.reason is not None), None)
     if left is not None:
         return left
+    unchecked = next((f.shapes_unchecked for f in ctx.flows if f.shapes_unchecked), None)
+    if unchecked is not None:
+        return _left("shape_dependent_flow", unchecked)
     if any(d != decisions[0] for d in decisions[1:]):
         shown = "; ".join(f"{f.source}: {d}" for f, d in zip(ctx.flows, decisions))
         return _left("evidence_disagrees", f"torch.fx and the recorded run disagree "
@@ -584,8 +596,9 @@ def _add_fold(name, decision, ctx, by_layer, evidence):
 def make_plan(model, flows: List[Flow]) -> Plan:
     """Decides every norm of ``model`` from the given flows (all must agree)."""
     ctx = _context(model, flows)
-    plan = Plan(evidence=[f.source for f in flows],
-                notes=[f.note for f in flows if f.note and f.source == "recorded"])
+    plan = Plan(evidence=list(dict.fromkeys(f.source for f in flows)),
+                notes=list(dict.fromkeys(f.note for f in flows
+                                         if f.note and f.source == "recorded")))
     by_layer: Dict[str, Fold] = {}
     for name, module in model.named_modules():
         if not is_norm_module(module):
