@@ -216,16 +216,19 @@ def _check_other_size(target, args, flow: Flow, evidence: Evidence, fixed_shapes
         evidence.shapes_note = (f"{reads}; with fixed_shapes=True the folds hold for "
                                 f"inputs of the example's shapes ({_shapes(args)}) only")
         return
-    other = resized_inputs(args)
-    why = None
-    if other is None:
-        why = "no input is an image-like tensor to resize"
-    else:
+    second = other = None
+    tried = []
+    for spatial in (True, False):
+        other = resized_inputs(args, spatial=spatial)
+        if other is None:
+            continue
         try:
             second, _ = run_model(target, other[0], flow_from_run)
+            break
         except Exception as exc:
-            why = f"at shape {other[1][0]} it raised {_first_line(exc)}"
-    if why is not None:
+            tried.append(f"at {other[1][0]} it raised {_first_line(exc)}")
+    if second is None:
+        why = "; ".join(tried) or "no input is an image-like tensor to resize"
         flow.shapes_unchecked = (
             f"{reads}, torch.fx could not trace it, and it could not be checked at "
             f"another size ({why}); the fold would hold for inputs of shape "
@@ -233,13 +236,18 @@ def _check_other_size(target, args, flow: Flow, evidence: Evidence, fixed_shapes
             f"inputs of these shapes")
         evidence.shapes_note = flow.shapes_unchecked
         return
+    shown = ", ".join(map(str, other[1][:2]))
     second.resized = True
-    second.label = f"the recorded run at {', '.join(map(str, other[1][:2]))}"
+    second.label = f"the recorded run at {shown}"
     flow.label = f"the recorded run at {_shapes(args)}"
     evidence.flows.append(second)
     evidence.shapes_note = (f"{reads}, and torch.fx could not trace it: a second "
-                            f"recorded run at another size ({', '.join(map(str, other[1][:2]))}"
-                            f") had to agree on every fold")
+                            f"recorded run at another size ({shown}) had to agree on every "
+                            f"fold; they hold for the sizes the two runs took, and a "
+                            f"size test that neither reached is not seen")
+    if tried:
+        evidence.shapes_note += (f". It does not run at twice the spatial size ({tried[0]}), "
+                                 f"so only the batch size was varied")
 
 
 def _first_line(exc) -> str:

@@ -508,6 +508,7 @@ def _cmd_fuse(args, progress: _Progress) -> int:
     progress.step("fusing and verifying" if verify else "fusing")
     fused, report = fuse(model, inplace=args.inplace_load, example_inputs=inputs,
                          verify=verify, rtol=args.rtol, strict=args.strict,
+                         fixed_shapes=args.fixed_shapes,
                          return_report=True)
     progress.step(f"saving {args.output}")
     try:
@@ -536,7 +537,7 @@ def _cmd_analyze(args, progress: _Progress) -> int:
     model = _load_model(args)
     inputs = _inputs_from(args)
     progress.step("analyzing")
-    report = analyze(model, example_inputs=inputs)
+    report = analyze(model, example_inputs=inputs, fixed_shapes=args.fixed_shapes)
     progress.close()
     if args.json:
         print(report.to_json())
@@ -664,6 +665,10 @@ def _add_source(p: argparse.ArgumentParser, verifies: bool) -> None:
                         help="inputs saved with torch.save: a tensor (the argument), a "
                              "tuple (the positional arguments) or a list (one argument, "
                              "e.g. a list of images for detection models)")
+    p.add_argument("--fixed-shapes", action="store_true",
+                   help="the model only ever sees inputs of the example inputs' shapes: "
+                        "do not check folds of an untraceable forward that reads sizes "
+                        "at another size (see the README)")
     p.add_argument("--json", action="store_true",
                    help="print the report as JSON on stdout, and nothing else there")
 

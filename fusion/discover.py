@@ -416,31 +416,33 @@ def flow_from_run(model, example_inputs):
     return rec.flow, output
 
 
-def _resized_tensor(t: torch.Tensor, batched: bool) -> torch.Tensor:
-    """``t`` at twice its spatial size (nearest-neighbour, so every size stays a
-    multiple of what it was), with one more batch element where ``batched``."""
+def _resized_tensor(t: torch.Tensor, batched: bool, spatial: bool) -> torch.Tensor:
+    """``t`` at twice its spatial size where ``spatial`` (nearest-neighbour, so
+    every size stays a multiple of what it was), with one more batch element
+    where ``batched``."""
     from torch.nn import functional as F
 
     x = t if batched else t.unsqueeze(0)  # (N, C, *spatial), or one image (C, *spatial)
-    if x.dim() >= 3:
+    if spatial and x.dim() >= 3:
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
     if not batched:
         return x.squeeze(0)
     return torch.cat([x, x[:1].flip(-1)], 0)
 
 
-def resized_inputs(args):
+def resized_inputs(args, spatial=True):
     """The example inputs at another size, derived from them, for a second
     recorded run: each floating tensor of rank 3 to 5 at twice its spatial size
-    with one more batch element (a list of images: each image at twice its
-    size). ``(inputs, shapes)``, or None where no input can be resized."""
+    (unless not ``spatial``) with one more batch element (a list of images: each
+    image at twice its size). ``(inputs, shapes)``, or None where no input can
+    be resized."""
     changed = []
 
     def one(t, batched):
         if not (isinstance(t, torch.Tensor) and t.is_floating_point() and
-                3 <= t.dim() <= 5):
+                3 <= t.dim() <= 5) or (not batched and not spatial):
             return t
-        out = _resized_tensor(t, batched)
+        out = _resized_tensor(t, batched, spatial)
         changed.append(tuple(out.shape))
         return out
 

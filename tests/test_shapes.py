@@ -77,24 +77,35 @@ def test_fixed_shapes_folds_what_the_one_run_proves_and_says_so():
 
 
 class FixedSize(nn.Module):
-    """Runs at one input size only (a Linear over the flattened map), reads
-    sizes, and cannot be traced."""
+    """Runs at one spatial size only (a Linear over the flattened map), and at
+    one batch size too where ``one_batch``; reads sizes; cannot be traced."""
 
-    def __init__(self):
+    def __init__(self, one_batch=True):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
         self.fc = nn.Linear(4 * 8 * 8, 5)
+        self.one_batch = one_batch
 
     def forward(self, x):
         y = self.bn(self.conv(x))
-        if y.shape[-1] != 8:  # fx cannot trace this
-            raise ValueError("8x8 inputs only")
+        if y.shape[-1] != 8 or (self.one_batch and len(y) != 1):  # fx cannot trace this
+            raise ValueError("one 8x8 input only")
         return self.fc(y.reshape(y.size(0), -1))
 
 
+def test_a_model_of_one_spatial_size_is_checked_at_another_batch_size():
+    model = calibrate(FixedSize(one_batch=False), shape=(1, 3, 8, 8))
+    fused, report = fuse(model, example_inputs=torch.randn(1, 3, 8, 8),
+                         return_report=True)
+    assert [p.norm for p in report.fused] == ["bn"]
+    note = next(n for n in report.notes if "another size" in n)
+    assert "(2, 3, 8, 8)" in note and "only the batch size was varied" in note
+    assert check_at(model, fused, (3, 3, 8, 8)) < 1e-5
+
+
 def test_a_model_that_runs_at_one_size_only_is_left_unless_fixed_shapes():
-    model = calibrate(FixedSize(), shape=(2, 3, 8, 8))
+    model = calibrate(FixedSize(), shape=(1, 3, 8, 8))
     x = torch.randn(1, 3, 8, 8)
     report = analyze(model, example_inputs=x)
     assert [(n.norm, n.reason) for n in report.left] == [("bn", "shape_dependent_flow")]
