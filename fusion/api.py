@@ -219,14 +219,16 @@ def _check_other_size(target, args, flow: Flow, evidence: Evidence, fixed_shapes
     second = other = None
     tried = []
     for spatial in (True, False):
-        other = resized_inputs(args, spatial=spatial)
-        if other is None:
-            continue
+        other = None
         try:
+            other = resized_inputs(args, spatial=spatial)
+            if other is None:
+                continue
             second, _ = run_model(target, other[0], flow_from_run)
             break
         except Exception as exc:
-            tried.append(f"at {other[1][0]} it raised {_first_line(exc)}")
+            at = f"at {other[1][0]}" if other is not None else "resizing the inputs"
+            tried.append(f"{at} it raised {_first_line(exc)}")
     if second is None:
         why = "; ".join(tried) or "no input is an image-like tensor to resize"
         flow.shapes_unchecked = (
@@ -384,6 +386,15 @@ def _report(model, stages: "_Stages") -> FusionReport:
         report.rel_err = verification.rel_err
         report.max_abs_err = verification.max_abs_err
         report.tolerance = verification.tolerance
+        report.verified_by = verification.compared
+        if verification.compared == "layers":
+            report.verified_why = verification.why
+            note = (f"verification compared the outputs of the {verification.layers} fused "
+                    f"layers, each with the original layer and norm on the input it "
+                    f"received (the largest error was {verification.worst:.2g} of its "
+                    f"rounding bound), not the model's output: {verification.why}")
+            report.notes.append(note)
+            log.info("%s", note)
     if report.nothing_to_do:
         report.notes.append("nothing to do: the model has no norm modules left to fuse")
     return report

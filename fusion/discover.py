@@ -424,7 +424,9 @@ def _resized_tensor(t: torch.Tensor, batched: bool, spatial: bool) -> torch.Tens
 
     x = t if batched else t.unsqueeze(0)  # (N, C, *spatial), or one image (C, *spatial)
     if spatial and x.dim() >= 3:
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        # nearest copies values, so float32 and back is exact (torch 1.13 has no
+        # half interpolation on the CPU)
+        x = F.interpolate(x.float(), scale_factor=2.0, mode="nearest").to(t.dtype)
     if not batched:
         return x.squeeze(0)
     return torch.cat([x, x[:1].flip(-1)], 0)

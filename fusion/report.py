@@ -56,6 +56,11 @@ class FusionReport:
     rel_err: Optional[float] = None
     max_abs_err: Optional[float] = None
     tolerance: Optional[float] = None
+    #: What verification compared: ``"outputs"``, or ``"layers"`` where the
+    #: outputs proved nothing (``verified_why``) and each fused layer was
+    #: compared with the original on its own input instead.
+    verified_by: Optional[str] = None
+    verified_why: Optional[str] = None
     plan: Dict = field(default_factory=dict)
 
     @property
@@ -96,7 +101,8 @@ class FusionReport:
             "parameters_reduced": self.parameters_reduced,
             "verification": None if self.rel_err is None else {
                 "rel_err": self.rel_err, "max_abs_err": self.max_abs_err,
-                "tolerance": self.tolerance},
+                "tolerance": self.tolerance, "compared": self.verified_by,
+                "why": self.verified_why},
             "notes": list(self.notes),
             "plan": self.plan,
         }
@@ -114,7 +120,9 @@ class FusionReport:
              f"{sum(self.removed_parameters.values())} parameters and "
              f"{self.buffers_removed} buffer elements {removed}, "
              f"{sum(self.added_parameters.values())} bias parameters {added}")
-        if self.rel_err is not None:
+        if self.verified_by == "layers":
+            s += "; verified layer by layer (the outputs prove nothing: see the notes)"
+        elif self.rel_err is not None:
             s += f"; rel_err {self.rel_err:.3g} (tolerance {self.tolerance:.3g})"
         return s
 
@@ -185,7 +193,10 @@ class FusionReport:
         reasons = ", ".join(f'<code style="{code}">{esc(r)}</code> {n}'
                             for r, n in self._reasons().items())
         removed = "to remove" if self.dry_run else "removed"
-        if self.rel_err is not None:
+        if self.verified_by == "layers":
+            verified = ("verified layer by layer: each fused layer against the original "
+                        f"on its own input, since {esc(self.verified_why or '')}")
+        elif self.rel_err is not None:
             verified = (f"verified: rel_err {self.rel_err:.3g} &le; tolerance "
                         f"{self.tolerance:.3g}")
         else:

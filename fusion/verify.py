@@ -15,6 +15,16 @@ Two checks, both on by default when example inputs are given:
    correct fold may make; the tolerance is ``TOLERANCE_FACTOR * sigma``, and
    never below ``FLOOR`` of the dtype. When the error is too large, the pair
    whose own output differs most (per channel, on the inputs it saw) is named.
+3. Layers, where the outputs prove nothing: when the original's output is
+   all zeros, empty or not finite (a randomly initialised ViT, a detector with
+   no detections), or so sensitive that half an ULP on the fused weights moves
+   it by more than ``DISCONTINUOUS`` (top-k and NMS reorder what they keep),
+   a comparison of outputs could not fail. Each fused layer is then run, in
+   float64, on the input it received in the fused model's run, and compared
+   with the original layer and norm (their affine map) on the same input:
+   every element must be within the rounding bound of the fused weights,
+   ``eps * (|W'| * |x| + |b'|)``, which a fold within its ULP allowance meets
+   and a wrong one does not. The report says what was compared, and why.
 """
 import copy
 from dataclasses import dataclass
@@ -33,6 +43,11 @@ TOLERANCE_FACTOR = 8.0
 
 #: The smallest default tolerance, per compute dtype.
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6}
+
+#: A calibrated tolerance above this means the output is discontinuous in the
+#: weights (or nearly so): comparing it proves nothing, and the layers are
+#: compared instead.
+DISCONTINUOUS = 0.05
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -163,11 +178,17 @@ class _PairUlps:
 class Verification:
     """What verification measured: the output error against the original, and
     the tolerance it was held to (every fused value was also within its ULP
-    allowance of the exact fold)."""
+    allowance of the exact fold). ``compared`` is ``"outputs"``, or
+    ``"layers"`` where the outputs proved nothing (``why``) and each fused layer
+    was compared on its own input instead."""
 
     rel_err: float
     max_abs_err: float
-    tolerance: float
+    tolerance: Optional[float]  # None where the outputs proved nothing
+    compared: str = "outputs"
+    why: Optional[str] = None
+    layers: int = 0  # fused layers compared, with "layers"
+    worst: float = 0.0  # the largest error found, as a share of its bound
 
 
 def _pair_ulps(p, originals) -> _PairUlps:
@@ -231,51 +252,137 @@ def _sensitivity(fused, args, prepared, y_fused):
     return outputs_error(y_fused, y)[0]
 
 
-def _locate(fused, args, prepared, originals):
-    """The pair whose own output differs most, per channel, on the inputs it saw."""
-    inputs = {}
+def _reference_layer(p, originals):
+    """The original layer, in float64 on the CPU."""
+    ref = copy.deepcopy(p.layer).double().cpu()
+    w, b = originals[p.fold.layer]
+    with torch.no_grad():
+        ref.weight.copy_(w.double())
+        if b is not None:
+            ref.bias.copy_(b.double())
+        else:
+            ref.bias.zero_()
+    return ref
+
+
+def _affine(x, params):
+    """A norm's eval-mode affine map on dim 1, in float64 (its remainder, such
+    as timm's activation, stays in the model and is not part of the fold)."""
+    mean, var = params.running_mean.double().cpu(), params.running_var.double().cpu()
+    s = torch.rsqrt(var + params.eps)
+    if params.weight is not None:
+        s = s * params.weight.double().cpu()
+    t = -mean * s
+    if params.bias is not None:
+        t = t + params.bias.double().cpu()
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return x * s.reshape(shape) + t.reshape(shape)
+
+
+def _one_layer(p, x, originals):
+    """``(got, ref, bound)`` of one fold on input ``x``, in float64: the fused
+    layer's output, the original layer and norms' output, and the rounding
+    bound of the fused weights, ``eps * (|W'| * |x| + |b'|)``."""
+    x = x.detach().double().cpu()
+    fused = copy.deepcopy(p.layer).double().cpu()
+    ref = x
+    if p.fold.before is not None:
+        ref = _affine(ref, norm_params(p.norms[p.fold.before]))
+    ref = _reference_layer(p, originals)(ref)
+    if p.fold.after is not None:
+        ref = _affine(ref, p.fold.after_map(p.norms[p.fold.after]))
+    got = fused(x)
+    absolute = copy.deepcopy(fused)
+    with torch.no_grad():
+        absolute.weight.abs_()
+        absolute.bias.abs_()
+    dtype = p.layer.weight.dtype
+    eps = torch.finfo(dtype).eps * MAX_ULPS.get(dtype, 1)
+    base = absolute(x.abs())
+    # the fused weights' rounding, and float64's own in computing both sides
+    bound = base * (eps * 1.001 + 4096 * torch.finfo(torch.float64).eps)
+    return got, ref, bound
+
+
+def _seen_inputs(fused, args, prepared, visit):
+    """Runs the fused model once, calling ``visit(p, x)`` with each fused
+    layer's input as it arrives (nothing is kept between layers)."""
     runner, run_args = fused, args
     if _has_half_on_cpu(fused):
         runner, run_args = copy.deepcopy(fused).float(), _to_float(args)
+    done = set()
+
+    def hook(module, inputs, p):
+        if p.fold.layer not in done and inputs and isinstance(inputs[0], torch.Tensor):
+            done.add(p.fold.layer)
+            visit(p, inputs[0])
+
     handles = [runner.get_submodule(p.fold.layer).register_forward_pre_hook(
-        lambda m, a, name=p.fold.layer: inputs.setdefault(name, a[0]))
-        for p in prepared]
+        lambda m, a, p=p: hook(m, a, p)) for p in prepared]
     try:
         with torch.no_grad():
             runner(*run_args)
     finally:
         for h in handles:
             h.remove()
-    worst = (-1.0, None)
-    with torch.no_grad():
-        for p in prepared:
-            x = inputs.get(p.fold.layer)
-            if x is None:
-                continue
-            x = x.double()
-            fused_layer = copy.deepcopy(p.layer).double().cpu()
-            ref_layer = copy.deepcopy(p.layer).double().cpu()
-            w, b = originals[p.fold.layer]
-            ref_layer.weight.copy_(w.double())
-            if b is not None:
-                ref_layer.bias.copy_(b.double())
-            else:
-                ref_layer.bias.zero_()
-            ref = x.cpu()
-            if p.fold.before is not None:
-                ref = copy.deepcopy(p.norms[p.fold.before]).double().cpu().eval()(ref)
-            ref = ref_layer(ref)
-            if p.fold.after is not None:
-                ref = copy.deepcopy(p.norms[p.fold.after]).double().cpu().eval()(ref)
-            got = fused_layer(x.cpu())
-            channels = ref.shape[1]
-            diff = (got - ref).transpose(0, 1).reshape(channels, -1).norm(dim=1)
-            size = ref.transpose(0, 1).reshape(channels, -1).norm(dim=1)
-            per_channel = diff / size.clamp_min(1e-300)
-            err = float(per_channel.max())
-            if err > worst[0]:
-                worst = (err, p.fold)
-    return worst
+    return done
+
+
+def _locate(fused, args, prepared, originals):
+    """The pair whose own output differs most, per channel, on the inputs it saw."""
+    worst = [-1.0, None]
+
+    def visit(p, x):
+        with torch.no_grad():
+            got, ref, _ = _one_layer(p, x, originals)
+        channels = ref.shape[1]
+        diff = (got - ref).transpose(0, 1).reshape(channels, -1).norm(dim=1)
+        size = ref.transpose(0, 1).reshape(channels, -1).norm(dim=1)
+        err = float((diff / size.clamp_min(1e-300)).max())
+        if err > worst[0]:
+            worst[:] = [err, p.fold]
+
+    _seen_inputs(fused, args, prepared, visit)
+    return tuple(worst)
+
+
+def check_layers(fused, args, prepared, originals):
+    """Check 3: every fused layer against the original layer and norms on the
+    input it received. Returns ``(layers compared, worst error as a share of its
+    bound)``; raises FusionError naming a pair outside its bound."""
+    worst = [0.0, None]
+
+    def visit(p, x):
+        with torch.no_grad():
+            got, ref, bound = _one_layer(p, x, originals)
+            excess = float(((got - ref).abs() / bound.clamp_min(1e-300)).max()) \
+                if got.numel() else 0.0
+        if excess > worst[0]:
+            worst[:] = [excess, p.fold]
+
+    done = _seen_inputs(fused, args, prepared, visit)
+    excess, fold = worst
+    if excess > 1:
+        raise FusionError(
+            f"{fold.layer}: verification failed: on the input it received, the fused "
+            f"layer differs from the original {', '.join(fold.norms())} and layer by "
+            f"{excess:.3g} times the rounding bound of its fused weights. This is a "
+            f"bug in fusion; please report it. The model was left as it was.",
+            fold.layer, "verify")
+    return len(done), excess
+
+
+def _proves_nothing(reference) -> Optional[str]:
+    """Why comparing with this output could not fail, or None."""
+    flat = _flat(reference)
+    if not flat or sum(t.numel() for t in flat) == 0:
+        return "the original's output has no elements (e.g. a detector with no detections)"
+    ref = torch.cat(flat)
+    if not bool(torch.isfinite(ref).all()):
+        return "the original's output is not finite"
+    if float(ref.abs().max()) == 0:
+        return "the original's output is all zeros (e.g. a randomly initialised head)"
+    return None
 
 
 def verify_fused(fused, args, reference, prepared, rtol: Optional[float],
@@ -287,10 +394,21 @@ def verify_fused(fused, args, reference, prepared, rtol: Optional[float],
     check_weights(prepared, originals)
     y = run_model(fused, args)
     rel, max_abs = outputs_error(reference, y)
-    if rtol is None:
+    why = _proves_nothing(reference)
+    if rtol is None and why is None:
         sigma = _sensitivity(fused, args, prepared, y) if prepared else 0.0
         dtype = _compute_dtype(fused)
         rtol = max(TOLERANCE_FACTOR * sigma, FLOOR.get(dtype, 1e-6))
+        if rtol > DISCONTINUOUS:
+            why = (f"half an ULP on the fused weights moves the output by {sigma:.2g} "
+                   f"(relative): it is discontinuous in them (top-k, NMS), so no "
+                   f"tolerance on it could tell a wrong fold from rounding")
+    if why is not None and prepared:
+        layers, worst = check_layers(fused, args, prepared, originals)
+        return Verification(rel, max_abs, None if rtol is None else float(rtol), "layers",
+                            why, layers, worst)
+    if rtol is None:
+        rtol = FLOOR.get(_compute_dtype(fused), 1e-6)
     if not rel <= rtol:
         err, fold = _locate(fused, args, prepared, originals)
         name = fold.layer if fold is not None else None

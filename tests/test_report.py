@@ -133,8 +133,9 @@ def test_to_json_round_trips():
 def test_verification_is_filled_when_verified():
     _, report = fuse(_chain(), example_inputs=_x(), return_report=True)
     v = report.to_dict()["verification"]
-    assert set(v) == {"rel_err", "max_abs_err", "tolerance"}
-    assert all(isinstance(v[k], float) for k in v)
+    assert set(v) == {"rel_err", "max_abs_err", "tolerance", "compared", "why"}
+    assert all(isinstance(v[k], float) for k in ("rel_err", "max_abs_err", "tolerance"))
+    assert v["compared"] == "outputs" and v["why"] is None
     assert 0 <= v["rel_err"] <= v["tolerance"]
     assert v["max_abs_err"] >= 0
 

@@ -151,3 +151,27 @@ def test_a_list_of_images_is_resized_image_by_image():
     (x,), _ = resized_inputs((torch.randn(2, 3, 5, 7),))
     assert tuple(x.shape) == (3, 3, 10, 14)
     assert resized_inputs((torch.arange(6).reshape(1, 2, 3),)) is None  # not floating
+
+
+def test_half_inputs_are_resized_for_the_check():
+    """torch 1.13 has no half interpolation on the CPU; the resize goes through
+    float32, which nearest-neighbour copying keeps exact."""
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            for _ in range(x.shape[0]):  # a size read that fx cannot trace
+                pass
+            return self.bn(self.conv(x))
+
+    from fusion.discover import resized_inputs
+
+    x = torch.randn(1, 3, 8, 8).half()
+    (big,), _ = resized_inputs((x,))
+    assert big.dtype == torch.float16 and torch.equal(big[:1, :, ::2, ::2], x)
+    model = calibrate(Loop(), shape=(2, 3, 8, 8)).half()
+    report = analyze(model, example_inputs=(x,))
+    assert [p.norm for p in report.fused] == ["bn"]
+    assert any("second recorded run" in n for n in report.notes)

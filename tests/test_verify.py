@@ -84,3 +84,103 @@ def test_verify_can_be_switched_off():
 def test_tolerance_factor_is_documented_constant():
     assert verify.TOLERANCE_FACTOR > 1
     assert fusion.verify.FLOOR[torch.float32] > 0
+
+
+# --- outputs that prove nothing: the layers are compared instead ---------------------
+
+
+class ZeroHead(torch.nn.Module):
+    """A conv and norm under a head initialised to zero: its output is all zeros,
+    whatever the fold does (a randomly initialised ViT's head is)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Linear(8, 4)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, x):
+        return self.head(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def _zero_head():
+    from zoo import calibrate
+
+    return calibrate(ZeroHead(), shape=(2, 3, 8, 8))
+
+
+def test_all_zero_output_is_verified_layer_by_layer_and_says_so(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fusion")
+    fused, report = fuse(_zero_head(), example_inputs=torch.randn(2, 3, 8, 8),
+                         return_report=True)
+    assert report.verified_by == "layers" and "all zeros" in report.verified_why
+    assert report.tolerance is None  # no tolerance on an output that proves nothing
+    note = next(n for n in report.notes if n.startswith("verification compared"))
+    assert "1 fused layers" in note and "all zeros" in note
+    assert "verified layer by layer" in str(report)
+    assert "verification compared the outputs of the 1 fused layers" in caplog.text
+    v = report.to_dict()["verification"]
+    assert v["compared"] == "layers" and v["tolerance"] is None
+    import json
+    json.loads(report.to_json())  # strict JSON: no NaN
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_check_catches_a_planted_bug_the_outputs_cannot_see(monkeypatch, dtype):
+    monkeypatch.setattr(verify, "check_weights", lambda *a, **k: None)
+    model = _zero_head().to(dtype)
+    snap = snapshot(model)
+    _plant(monkeypatch, "conv", factor=1.05)
+    with pytest.raises(FusionError) as err:
+        fuse(model, example_inputs=torch.randn(2, 3, 8, 8).to(dtype), inplace=True)
+    assert err.value.layer == "conv" and err.value.code == "verify"
+    assert "rounding bound" in str(err.value)
+    assert_unchanged(model, snap)
+
+
+def test_a_one_ulp_change_stays_within_the_layer_bound(monkeypatch):
+    """The bound is that of rounding: moving a fused weight by one ULP, as
+    rounding may, never fails it."""
+    monkeypatch.setattr(verify, "check_weights", lambda *a, **k: None)
+    model = _zero_head()
+    original = rewrite.write
+
+    def write(m, prepared):
+        out = original(m, prepared)
+        with torch.no_grad():
+            w = m.conv.weight
+            w.copy_(torch.nextafter(w, torch.full_like(w, float("inf"))))
+        return out
+
+    monkeypatch.setattr(rewrite, "write", write)
+    fused, report = fuse(model, example_inputs=torch.randn(2, 3, 8, 8), return_report=True)
+    assert report.verified_by == "layers"
+
+
+def test_ordinary_models_are_verified_on_their_outputs():
+    fused, report = fuse(build("resnet18"), example_inputs=torch.randn(1, 3, 64, 64),
+                         return_report=True)
+    assert report.verified_by == "outputs" and report.verified_why is None
+    assert not any(n.startswith("verification compared") for n in report.notes)
+
+
+@pytest.mark.slow
+def test_a_detector_with_a_discontinuous_output_is_verified_layer_by_layer():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    fused, report = fuse(model.eval(), example_inputs=[torch.rand(3, 160, 200)],
+                         return_report=True)
+    assert report.verified_by == "layers"
+    assert "discontinuous" in report.verified_why or "no elements" in report.verified_why
+    assert not report.left
