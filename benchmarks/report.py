@@ -496,6 +496,28 @@ def profile_section(data):
     return "\n".join(text)
 
 
+# --- 8. ultralytics YOLO -------------------------------------------------------
+
+
+def yolo_section(data):
+    """fusion against ultralytics' model.fuse() (bench_yolo.py, which formats it)."""
+    if not data.get("results"):
+        return f"Not measured: {data.get('skipped', 'no results')}."
+    from bench_yolo import tables
+
+    fuse_md, lat_md = tables(data["results"])
+    env = data["environment"]
+    return "\n".join([
+        f"ultralytics {data.get('ultralytics')}, models built from its yaml (random "
+        f"weights, calibrated BatchNorm), torch {env.get('torch')}, {env.get('threads')} "
+        f"thread(s), BLAS {common.blas_label(env)}. fuse() ms: medians of "
+        f"{data.get('rounds')} rounds on fresh copies, fusers' example input "
+        "[1, 3, 64, 64]; 'max rel err': raw outputs before NMS against the unfused "
+        "model. Ratios: medians [p10, p90] of per-round pairs. See bench_yolo.py.", "",
+        fuse_md, "", "Latency per forward, batch 1, float32, torch.inference_mode:", "",
+        lat_md])
+
+
 # --- headline -------------------------------------------------------------------
 
 
@@ -810,9 +832,10 @@ def main(argv=None):
     latency = _load(args.raw, "latency")
     precision = _load(args.raw, "precision")
     profile = _load(args.raw, "profile")
+    yolo = _load(args.raw, "yolo")
     sections = [("fuse time", fuse), ("fuse time, synthetic", scaling),
                 ("memory", memory), ("throughput", throughput), ("latency", latency),
-                ("precision", precision), ("profile", profile)]
+                ("precision", precision), ("profile", profile), ("yolo", yolo)]
     goals = targets(fuse, memory, throughput, latency, precision)
     plots = []
     if fuse:
@@ -880,6 +903,8 @@ def main(argv=None):
             md += ["## 7. The two torches", "", torches, ""]
             sections += [("fuse time, oldest torch", old_fuse),
                          ("latency, oldest torch", old_latency)]
+    if yolo:
+        md += ["## 8. ultralytics YOLO against model.fuse()", "", yolo_section(yolo), ""]
     md += ["## Environment of each measurement", "", env_table(sections), ""]
     with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
         f.write("\n".join(md))

@@ -71,6 +71,12 @@ def steps(mode, raw):
          ["--models", *(["resnet18", "resnet50"] if quick else zoo)] + out("precision")),
         ("profile", "profile_fuse.py",
          ["--model", "resnet50", "--rounds", "3" if quick else "7"] + out("profile")),
+        # ultralytics YOLO against its own model.fuse(): fuse time and latency
+        # (batch 1, fp32, 1 thread); records "skipped" where ultralytics is missing
+        ("yolo", "bench_yolo.py",
+         ["--models", "yolov8n", "yolo11n", "--threads", "1",
+          "--rounds", "5" if quick else "9", "--latency-rounds", "21" if quick else "41",
+          "--budget", "4" if quick else "15"] + out("yolo")),
     ]
 
 

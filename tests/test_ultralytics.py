@@ -23,32 +23,49 @@ fusion.fuse keeps the model's classes and forwards: each ``bn`` becomes
 ``nn.Identity`` and every ``Conv`` keeps its own ``forward`` (``forward_fuse``
 is ultralytics' business, not fusion's).
 
-torch.fx cannot trace ``DetectionModel`` (``TraceError: Proxy object cannot be
-iterated``: ``_predict_once`` loops over the layers' ``f`` indices and
-``make_anchors`` over the strides); ``report.evidence`` is ``["recorded"]``:
+torch.fx cannot trace ``DetectionModel`` (torch 2: ``TraceError: Proxy object
+cannot be iterated``, from C2f's ``list(self.cv1(x).chunk(2, 1))``, which alone
+fails the same way; torch 1.13's fx does not run on Python 3.11 at all);
+``report.evidence`` is ``["recorded"]``:
 every fold on the YOLO models is proved by the recorded run on
 ``example_inputs``. The run reads three values into Python (the strides in
 ``make_anchors``), which the report notes.
 
-Measured here (2 threads, 64x64 input, batch 4; yolov8n):
+Measured here (1 thread, which the module sets: calibration and so the exact
+figures depend on it; 64x64 input, batch 2; torch 2.14.1 / 1.13.1):
 
-- BatchNorms left: 0 by both fusers on yolov8n (57), yolo11n (81), yolov9t
-  (221, with RepConv) and the ConvTranspose models.
-- fused weights against the exact fold, max ULP: fusion 0 in float32, <= 1 in
-  float16/bfloat16 (>= 99.9% identical); ultralytics weights 3 ULP, biases 401
-  (float32), 722 (float16, torch 2), 14851 (bfloat16); about 55% of its biases
-  and 57-65% of its weights are the exactly rounded value.
-- the error of the fold alone (the fused weights run in float64 against the
-  unfused model in float64): ultralytics' is 2.3x fusion's in float32, 3.7x in
-  float16, 2.4x in bfloat16. In float32 both vanish under the arithmetic's own
-  error (raw outputs 2-6e-6 from float64 for all three models); in float16
-  ultralytics' fused model is 2.4x further from float64 than the unfused model,
-  fusion's as far as the unfused one.
+- BatchNorms left: 0 by both fusers on yolov8n (57), yolo11n (81), and the small
+  ConvTranspose (plain and grouped) and RepConv models.
+- fused weights against the exact fold: fusion 0 ULP in float32 and <= 1 ULP in
+  float16/bfloat16 (>= 99.99% identical); ultralytics max 851 / 722 / 14851 ULP
+  (yolov8n, float32 / float16 / bfloat16; 855 on torch 1.13 in float32), 1595 /
+  851 / 14785 (yolo11n; 884 on torch 1.13), all in biases (its weights are <= 3
+  ULP off), and only 56-65% of its values are the exactly rounded one; 2 ULP on
+  the ConvTranspose models, grouped or not (it handles groups).
+- the error of the fold alone (fused weights run in float64 against the unfused
+  model in float64): ultralytics' is 3.7 / 3.7 / 2.4x fusion's on yolov8n, 2.3 /
+  3.8 / 1.3x on yolo11n, 1.8-2.3x on the ConvTranspose models.
+- raw outputs against float64 in float32 (yolov8n, yolo11n): unfused 6.8e-6 and
+  6.4e-6, fusion 6.4e-6 and 3.9e-6, ultralytics 4.7e-6 and 7.3e-6: the
+  arithmetic's own error hides either fold. In float16 (torch 2): unfused 1.5e-2
+  and 1.4e-2, fusion 8.4e-3 and 1.1e-2, ultralytics 2.3e-2 and 1.8e-2. In
+  bfloat16 all are 7e-2 to 1.3e-1, in no fixed order.
+- float16 on torch 1.13: ultralytics' fuser raises (``"rsqrt_cpu" not
+  implemented for 'Half'``); torch 1.13 also runs no float16 convolution on CPU,
+  and its bfloat16 ConvTranspose2d returns the wrong shape (those output tests
+  skip there).
+- torch.save/load of the whole model and ONNX (TorchScript exporter, run in
+  onnxruntime): both fusers' results survive; onnxruntime is 1.0-1.3e-6 from the
+  fused yolov8n (tolerance 9.5e-6), 1.7-1.8e-7 on the ConvTranspose models. In
+  float16 (torch 2) onnxruntime's yolov8n is 1.0e-2 from float64 with fusion's
+  fold, 3.2e-2 with ultralytics' (unfused in PyTorch: 1.6e-2); onnxruntime runs
+  no bfloat16 Conv on CPU.
 - ultralytics 8.4.190's predictor (``YOLO.predict``) always calls
   ``model.fuse()`` (AutoBackend, ``fuse=True``), and that fails on a model that
   fusion fused: ``Conv.bn`` is an ``nn.Identity``, which ``fuse_conv_and_bn``
   reads ``running_mean`` from (AttributeError). Marking the fused instance as
-  fused (``is_fused = lambda: True``) lets the predictor run it, in channels_last.
+  fused (``is_fused = lambda: True``) lets the predictor run it (in
+  channels_last): raw outputs 3.9e-6 from float64, the unfused model's 6.3e-6.
 """
 import copy
 import importlib.util
@@ -71,26 +88,33 @@ from fusion.verify import _exact_fold, _ulps  # noqa: E402
 
 from conftest import load_whole  # noqa: E402
 
-try:
-    from fusion._tools import yolo
-except ImportError:  # an installed fusion that predates yolo.py: the source tree's
-    _path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                         "fusion", "_tools", "yolo.py")
-    _spec = importlib.util.spec_from_file_location("fusion._tools.yolo", _path)
+# fusion._tools.yolo from this source tree where it has one (the installed copy is
+# whatever `make install` last copied; the library itself never imports it), else
+# the installed one.
+_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "fusion", "_tools", "yolo.py")
+if os.path.exists(_SOURCE):
+    _spec = importlib.util.spec_from_file_location("fusion._tools.yolo", _SOURCE)
     yolo = importlib.util.module_from_spec(_spec)
     sys.modules[_spec.name] = yolo
     _spec.loader.exec_module(yolo)
     fusion._tools.yolo = yolo
+else:
+    from fusion._tools import yolo
 
 from ultralytics.nn.modules import Conv, ConvTranspose  # noqa: E402
 
-VERSION = ultralytics.__version__
 DETECT = ["yolov8n", "yolo11n"]
 DECONV = ["convtranspose", "convtranspose_grouped"]
 SLOW = pytest.mark.slow
-MODELS = DETECT + DECONV + [pytest.param("repconv", marks=SLOW)]
+MODELS = DETECT + DECONV + ["repconv"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OUTPUT_FACTOR = 1.5  # fusion's output error may be at most this times the unfused model's
+# fusion's output error against float64 may be at most this times the unfused
+# model's own. In the half types a forward's own rounding dominates and varies from
+# model to model (measured: fusion 0.56-1.44x, ultralytics 0.89-1.58x the unfused
+# model's error; torch 1.13's bfloat16 yolo11n is the 1.44x), so they get 2x; the
+# fold's own error is compared without that noise in test_error_of_the_fold_alone.
+OUTPUT_FACTOR = {"float32": 1.5, "float16": 2.0, "bfloat16": 2.0}
 
 
 def _runs_on_cpu(dtype):
@@ -110,8 +134,16 @@ def _half_rsqrt_on_cpu():
         return False
 
 
+def _bf16_deconv_shape_right():
+    deconv = nn.ConvTranspose2d(2, 2, 2, 2, bias=False).to(torch.bfloat16)
+    return deconv(torch.ones(1, 2, 4, 4, dtype=torch.bfloat16)).shape == (1, 2, 8, 8)
+
+
 HALF_CONV = _runs_on_cpu(torch.float16)
 NO_HALF_CONV = "this torch has no float16 convolution on CPU (torch 1.13)"
+BF16_DECONV = _bf16_deconv_shape_right()
+NO_BF16_DECONV = ("this torch's bfloat16 ConvTranspose2d on CPU returns the wrong shape "
+                  "(torch 1.13: [1, 8, 8, 8] for a [1, 8, 16, 16] input, k=2, s=2)")
 
 
 def _input(name, batch=4, seed=1):
@@ -125,7 +157,24 @@ class Cases:
     exception its fuser raised)."""
 
     def __init__(self):
-        self.base, self.made = {}, {}
+        self.base, self.made, self.refs, self.exact = {}, {}, {}, {}
+
+    def reference(self, name, dtype):
+        """The input batch (float32) for the output tests of ``name`` in ``dtype``
+        and the unfused model's raw outputs on it in float64."""
+        key = (name, dtype)
+        if key not in self.refs:
+            model = self(name, dtype)[0]
+            x = _input(name, batch=2)
+            self.refs[key] = x, yolo.raw_outputs(copy.deepcopy(model).double(), x.double())
+        return self.refs[key]
+
+    def exact_folds(self, name, dtype):
+        """(module name, weight, bias) of the exact float64 fold of each pair."""
+        key = (name, dtype)
+        if key not in self.exact:
+            self.exact[key] = _exact_folds(self(name, dtype)[0])
+        return self.exact[key]
 
     def model(self, name, dtype="float32"):
         if name not in self.base:
@@ -137,7 +186,10 @@ class Cases:
         if key not in self.made:
             model = self.model(name, dtype)
             x = _input(name, batch=1).to(DTYPES[dtype])
-            fused, report = fusion.fuse(model, example_inputs=(x,), return_report=True)
+            # verification (and so report.tolerance) in float32 only: it costs two
+            # more runs, and the half cases' weights are checked in ULP below
+            fused, report = fusion.fuse(model, example_inputs=(x,), return_report=True,
+                                        verify=dtype == "float32")
             try:
                 ultra = copy.deepcopy(model).fuse(verbose=False)
             except Exception as exc:  # measured: float16 on torch 1.13
@@ -149,6 +201,16 @@ class Cases:
 @pytest.fixture(scope="module")
 def cases():
     return Cases()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a machine shared with other work, two spinning
+    OpenMP threads cost more than they gain on these small inputs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _ultra_ok(ultra):
@@ -174,7 +236,9 @@ def test_no_batchnorm_is_left_by_either_fuser(cases, name):
 @pytest.mark.parametrize("name", DETECT)
 def test_detection_model_is_not_fx_traceable_and_folds_on_recorded_evidence(cases, name):
     model, _, report, _ = cases(name)
-    with pytest.raises(Exception, match="Proxy object cannot be iterated"):
+    # torch 2: "TraceError: Proxy object cannot be iterated"; torch 1.13's fx does
+    # not run on Python 3.11 at all ("code() argument 13 must be str, not int")
+    with pytest.raises(Exception, match="Proxy object cannot be iterated|code\\(\\) argument"):
         torch.fx.symbolic_trace(model)
     assert report.evidence == ["recorded"]
     assert {p.evidence for p in report.fused} == {"recorded"}
@@ -189,8 +253,9 @@ def test_fusion_keeps_forward_and_makes_bn_identity_where_ultralytics_swaps_forw
     _, fused, _, ultra = cases(name)
     ultra = _ultra_ok(ultra)
     seen = 0
-    for (n, f), (_, u) in zip(fused.named_modules(), ultra.named_modules()):
+    for n, f in fused.named_modules():
         if isinstance(f, (Conv, ConvTranspose)):
+            u = ultra.get_submodule(n)
             seen += 1
             assert type(f.bn) is nn.Identity, n
             assert "forward" not in vars(f), n  # the class's forward, bn and all
@@ -208,52 +273,60 @@ def _dtype_params(extra=()):
     out = []
     for name in DETECT + list(extra):
         for d in DTYPES:
-            marks = [pytest.mark.skipif(not HALF_CONV, reason=NO_HALF_CONV)] \
-                if d == "float16" else []
+            marks = []
+            if d == "float16":
+                marks.append(pytest.mark.skipif(not HALF_CONV, reason=NO_HALF_CONV))
+            if d == "bfloat16" and name in DECONV:
+                marks.append(pytest.mark.skipif(not BF16_DECONV, reason=NO_BF16_DECONV))
             out.append(pytest.param(name, d, marks=marks, id=f"{name}-{d}"))
     return out
 
 
 @pytest.mark.parametrize("name,dtype", _dtype_params(DECONV) + [
-    pytest.param("repconv", "float32", marks=SLOW, id="repconv-float32")])
+    pytest.param("repconv", "float32", id="repconv-float32")])
 def test_raw_outputs_against_float64(cases, name, dtype, record_property):
     """Each fuser's raw head outputs (boxes and score logits before decoding, and
     the neck maps; see yolo.raw_outputs) against the unfused model run in
-    float64, on a batch of 4: fusion's error is at most 1.5x the unfused model's
-    own error in that dtype."""
+    float64, on a batch of 2: fusion's error is at most OUTPUT_FACTOR (1.5x in
+    float32) times the unfused model's own error in that dtype (each the largest
+    relative error over the tensors)."""
     model, fused, _, ultra = cases(name, dtype)
-    x = _input(name)
-    ref = yolo.raw_outputs(copy.deepcopy(model).double(), x.double())
+    x, ref = cases.reference(name, dtype)
     xd = x.to(DTYPES[dtype])
     unfused = yolo.max_rel_err(yolo.raw_outputs(model, xd), ref)
     ours = yolo.max_rel_err(yolo.raw_outputs(fused, xd), ref)
     theirs = yolo.max_rel_err(yolo.raw_outputs(_ultra_ok(ultra), xd), ref)
     record_property("rel_err", {"unfused": unfused, "fusion": ours, "ultralytics": theirs})
     assert 0 < unfused
-    assert ours <= OUTPUT_FACTOR * unfused, (ours, unfused, theirs)
+    assert ours <= OUTPUT_FACTOR[dtype] * unfused, (ours, unfused, theirs)
     if dtype == "float16" and name in DETECT:
-        # measured: ultralytics' fold in float16 (biases up to 722 ULP off) makes
-        # the fused model 2.4x (yolov8n) further from float64 than the unfused one
-        assert theirs > OUTPUT_FACTOR * unfused > ours, (ours, unfused, theirs)
+        # measured: ultralytics' fold in float16 (biases hundreds of ULP off)
+        # leaves its fused model further from float64 than fusion's: yolov8n 1.51x
+        # the unfused model's error against fusion's 0.56x (2.7x fusion's), yolo11n
+        # 1.25x against 0.80x (1.56x fusion's)
+        assert theirs > ours, (ours, unfused, theirs)
+        if name == "yolov8n":
+            assert theirs > 2 * ours, (ours, unfused, theirs)
 
 
 @pytest.mark.parametrize("name,dtype", [pytest.param(n, d, id=f"{n}-{d}")
                                         for n in DETECT + DECONV for d in DTYPES])
-def test_error_of_the_fold_alone(cases, name, dtype):
+def test_error_of_the_fold_alone(cases, name, dtype, record_property):
     """The fused weights run in float64 against the unfused model in float64:
     what the fold itself changed, with the arithmetic's error taken out (in
-    float32 it hides both folds). ultralytics' fold is measured 1.7-3.7x further
+    float32 it hides both folds). ultralytics' fold is measured 1.3-3.8x further
     off than fusion's (its weights are computed and rounded in their dtype)."""
     model, fused, _, ultra = cases(name, dtype)
-    x = _input(name).double()
-    ref = yolo.raw_outputs(copy.deepcopy(model).double(), x)
+    x, ref = cases.reference(name, dtype)
+    x = x.double()
     ours = yolo.max_rel_err(yolo.raw_outputs(copy.deepcopy(fused).double(), x), ref)
     assert 0 < ours
     if isinstance(ultra, Exception):
         assert dtype == "float16" and not _half_rsqrt_on_cpu()
         return
     theirs = yolo.max_rel_err(yolo.raw_outputs(copy.deepcopy(ultra).double(), x), ref)
-    assert theirs > 1.5 * ours, (ours, theirs)
+    record_property("fold_err", {"fusion": ours, "ultralytics": theirs})
+    assert theirs > ours, (ours, theirs)
 
 
 # --- fused weights against the exact fold ----------------------------------------
@@ -269,17 +342,23 @@ def _pairs(model):
             if isinstance(m, (Conv, ConvTranspose)) and isinstance(m.bn, nn.BatchNorm2d)]
 
 
-def _ulp_counts(model, fused_layers):
+def _exact_folds(model):
+    folds = []
+    for n, layer, bn in _pairs(model):
+        transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+        folds.append((n, *_exact_fold(layer.weight, layer.bias, norm_params(bn), "after",
+                                      layer.groups, transpose)))
+    return folds
+
+
+def _ulp_counts(folds, fused_layers):
     """max ULP and share of identical values, weights and biases together, of
-    the fused layers against the exact fold of ``model``'s pairs."""
+    the fused layers against the exact folds (name, weight, bias)."""
     from fusion.verify import _INT_OF, _ordered
 
     worst, same, total = 0, 0, 0
-    for name, layer, bn in _pairs(model):
+    for name, w, b in folds:
         got = fused_layers(name)
-        transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
-        w, b = _exact_fold(layer.weight, layer.bias, norm_params(bn), "after", layer.groups,
-                           transpose)
         for value, exact in ((got.weight, w), (got.bias, b)):
             worst = max(worst, _ulps(value, exact))
             int_type, mask = _INT_OF[value.dtype]
@@ -293,19 +372,25 @@ def _ulp_counts(model, fused_layers):
 @pytest.mark.parametrize("name,dtype", [pytest.param(n, d, id=f"{n}-{d}")
                                         for n in DETECT + DECONV for d in DTYPES])
 def test_fused_weights_in_ulp_of_the_exact_fold(cases, name, dtype, record_property):
-    model, fused, _, ultra = cases(name, dtype)
-    ours, ours_same = _ulp_counts(model, lambda n: _layer_of(fused.get_submodule(n)))
+    _, fused, _, ultra = cases(name, dtype)
+    folds = cases.exact_folds(name, dtype)
+    ours, ours_same = _ulp_counts(folds, lambda n: _layer_of(fused.get_submodule(n)))
     assert ours <= (0 if dtype == "float32" else 1)
     assert ours_same >= 0.999
     if isinstance(ultra, Exception):  # measured: float16 on torch 1.13
         assert dtype == "float16" and not _half_rsqrt_on_cpu()
         assert "rsqrt" in str(ultra) and "Half" in str(ultra)
         return
-    theirs, theirs_same = _ulp_counts(model, lambda n: _layer_of(ultra.get_submodule(n)))
+    theirs, theirs_same = _ulp_counts(folds, lambda n: _layer_of(ultra.get_submodule(n)))
     record_property("ulp", {"fusion": [ours, ours_same], "ultralytics": [theirs, theirs_same]})
-    # measured on both torches: yolov8n 401 / 722 / 14851 ULP (fp32 / fp16 / bf16),
-    # the ConvTranspose models 4-10; 45-66% of its values are off the exact rounding
+    # measured (1 thread): yolov8n 851 / 722 / 14851 ULP (fp32 / fp16 / bf16), yolo11n
+    # 1595 / 851 / 14785, the ConvTranspose models 2; only 56-66% of its values are
+    # the exactly rounded one
     assert theirs > 1 and theirs_same < 0.9, (theirs, theirs_same)
+    if name == "convtranspose_grouped":
+        # but it handles groups: fuse_deconv_and_bn views the grouped weight in the
+        # conv layout (measured: 2 ULP in every dtype, as without groups)
+        assert theirs <= 4, theirs
 
 
 def test_ultralytics_float16_fold_needs_half_rsqrt_fusion_does_not(cases):
@@ -322,42 +407,62 @@ def test_ultralytics_float16_fold_needs_half_rsqrt_fusion_does_not(cases):
 
 
 @pytest.mark.parametrize("name", ["yolov8n", "convtranspose_grouped"])
-def test_channels_last_model(cases, name):
+def test_channels_last_model(cases, name, record_property):
     """Both fusers keep a channels_last model's weights channels_last and fold it
     as they fold a contiguous one (measured: same ULP as contiguous)."""
     model = cases.model(name).to(memory_format=torch.channels_last)
     x = _input(name, batch=1).contiguous(memory_format=torch.channels_last)
-    fused = fusion.fuse(model, example_inputs=(x,))
+    fused = fusion.fuse(model, example_inputs=(x,), verify=False)
     ultra = copy.deepcopy(model).fuse(verbose=False)
-    assert _ulp_counts(model, lambda n: _layer_of(fused.get_submodule(n)))[0] == 0
-    assert _ulp_counts(model, lambda n: _layer_of(ultra.get_submodule(n)))[0] > 1
+    folds = _exact_folds(model)
+    assert _ulp_counts(folds, lambda n: _layer_of(fused.get_submodule(n)))[0] == 0
+    assert _ulp_counts(folds, lambda n: _layer_of(ultra.get_submodule(n)))[0] > 1
     for m in (fused, ultra):
         w = _layer_of(m.model[0]).weight
         assert w.is_contiguous(memory_format=torch.channels_last)
     ref = yolo.raw_outputs(copy.deepcopy(cases.model(name)).double(), x.double())
     unfused = yolo.max_rel_err(yolo.raw_outputs(model, x), ref)
-    assert yolo.max_rel_err(yolo.raw_outputs(fused, x), ref) <= OUTPUT_FACTOR * unfused + 1e-7
+    ours = yolo.max_rel_err(yolo.raw_outputs(fused, x), ref)
+    record_property("channels_last", {"unfused": unfused, "fusion": ours})
+    assert ours <= OUTPUT_FACTOR["float32"] * unfused, (ours, unfused)
 
 
 # --- save and load, ONNX ----------------------------------------------------------
 
 
+def _save_load_params():
+    out = [pytest.param(n, "float32", id=f"{n}-float32") for n in DETECT + DECONV]
+    return out + [pytest.param(n, d, id=f"{n}-{d}") for n in DETECT
+                  for d in ("float16", "bfloat16")]
+
+
 @pytest.mark.parametrize("fuser", ["fusion", "ultralytics"])
-@pytest.mark.parametrize("name", DETECT + DECONV)
-def test_whole_model_survives_torch_save_and_load(cases, name, fuser):
-    _, fused, _, ultra = cases(name)
+@pytest.mark.parametrize("name,dtype", _save_load_params())
+def test_whole_model_survives_torch_save_and_load(cases, name, dtype, fuser):
+    """torch.save of the whole fused model and torch.load (weights_only=False):
+    the same classes, every tensor bit for bit, and the same raw outputs (where
+    this torch runs the dtype on CPU)."""
+    _, fused, _, ultra = cases(name, dtype)
+    if fuser == "ultralytics" and isinstance(ultra, Exception):
+        assert dtype == "float16" and not _half_rsqrt_on_cpu()  # measured: torch 1.13
+        return
     model = fused if fuser == "fusion" else _ultra_ok(ultra)
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
     loaded = load_whole(buf)
     assert type(loaded) is type(model) and yolo.count_norms(loaded) == 0
-    x = _input(name, batch=2)
-    for a, b in zip(yolo.raw_outputs(loaded, x), yolo.raw_outputs(model, x)):
-        assert torch.equal(a, b)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    for (k, a), (_, b) in zip(loaded.state_dict().items(), model.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), k
     if fuser == "ultralytics":  # its instance-level forward_fuse is pickled along
         conv = next(m for m in loaded.modules() if isinstance(m, (Conv, ConvTranspose)))
         assert vars(conv)["forward"] == conv.forward_fuse
+    if dtype == "float16" and not HALF_CONV:
+        return  # NO_HALF_CONV: the tensors are compared above
+    x = _input(name, batch=2).to(DTYPES[dtype])
+    for a, b in zip(yolo.raw_outputs(loaded, x), yolo.raw_outputs(model, x)):
+        assert torch.equal(a, b)
 
 
 class RawOutputs(nn.Module):
@@ -393,7 +498,7 @@ def _onnx_session(model, x, path):
 
 @pytest.mark.parametrize("fuser", ["fusion", "ultralytics"])
 @pytest.mark.parametrize("name", [pytest.param("yolov8n", marks=SLOW)] + DECONV)
-def test_onnx_export_runs_in_onnxruntime(cases, name, fuser, tmp_path):
+def test_onnx_export_runs_in_onnxruntime(cases, name, fuser, tmp_path, record_property):
     """The exported fused model has no BatchNormalization node and onnxruntime
     computes its raw outputs within fusion's calibrated float32 tolerance."""
     _, fused, report, ultra = cases(name)
@@ -406,21 +511,54 @@ def test_onnx_export_runs_in_onnxruntime(cases, name, fuser, tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     want = yolo.raw_outputs(model, x)
     assert len(got) == len(want)
-    err = yolo.max_rel_err([torch.from_numpy(g) for g in got], want)
+    got = [torch.from_numpy(g) for g in got]
+    assert all(a.shape == b.shape for a, b in zip(got, want))
+    # the metric of report.tolerance: all tensors, flattened together
+    err = yolo.rel_err(got, want)
+    record_property("onnx_rel_err", {"rel_err": err, "tolerance": report.tolerance})
     assert err <= report.tolerance, (err, report.tolerance)
+
+
+@pytest.mark.skipif(not HALF_CONV, reason=NO_HALF_CONV + ": the exporter traces the model")
+def test_onnx_export_in_float16(cases, tmp_path, record_property):
+    """Each fuser's float16 yolov8n exports and runs in onnxruntime. fusion's is
+    at most OUTPUT_FACTOR times the unfused float16 model's error from the
+    unfused model in float64; ultralytics' is measured 2.0x the unfused model's,
+    3.2x fusion's (its float16 fold). bfloat16 is not tried: onnxruntime's CPU
+    provider has no bfloat16 Conv (INVALID_GRAPH)."""
+    model, fused, _, ultra = cases("yolov8n", "float16")
+    x = _input("yolov8n", batch=1)
+    ref = yolo.raw_outputs(copy.deepcopy(model).double(), x.double())
+    unfused = yolo.max_rel_err(yolo.raw_outputs(model, x.half()), ref)
+    errs = {}
+    for fuser, exported in (("fusion", fused), ("ultralytics", _ultra_ok(ultra))):
+        session, ops = _onnx_session(exported, x.half(), tmp_path / f"{fuser}16.onnx")
+        assert "BatchNormalization" not in ops
+        got = [torch.from_numpy(g) for g in
+               session.run(None, {session.get_inputs()[0].name: x.half().numpy()})]
+        errs[fuser] = yolo.max_rel_err(got, ref)
+    record_property("onnx16", dict(errs, unfused=unfused))
+    assert errs["fusion"] <= OUTPUT_FACTOR["float16"] * unfused, (errs, unfused)
+    assert errs["ultralytics"] > errs["fusion"], (errs, unfused)
 
 
 # --- ultralytics' own predict path ----------------------------------------------
 
 
-def _yolo_with(model):
-    """An ultralytics.YOLO built offline from the yaml, holding ``model`` (a copy),
-    with the attributes YOLO's own constructor gives its model; and a record of
-    the tensor the predictor feeds the model and the raw outputs it gets back
-    (hooks, which the predictor's deepcopy keeps)."""
+@pytest.fixture(scope="module")
+def wrapper():
+    """An ultralytics.YOLO built offline from the yaml."""
     from ultralytics import YOLO
 
-    wrapper = YOLO("yolov8n.yaml")
+    return YOLO("yolov8n.yaml")
+
+
+def _yolo_with(wrapper, model):
+    """``wrapper`` holding ``model`` (a copy) with the attributes YOLO's own
+    constructor gives its model, and a new predictor; and a record of the
+    tensor the predictor feeds the model and the raw outputs it gets back
+    (hooks, which the predictor's deepcopy keeps)."""
+    wrapper.predictor = None
     model = copy.deepcopy(model)
     model.args, model.task = wrapper.model.args, wrapper.model.task
     seen = {}
@@ -436,19 +574,19 @@ def _image():
     return (np.random.RandomState(0).rand(96, 128, 3) * 255).astype(np.uint8)
 
 
-def test_yolo_predict_refuses_a_model_fusion_fused(cases):
+def test_yolo_predict_refuses_a_model_fusion_fused(cases, wrapper):
     """Measured on ultralytics 8.4.190: its predictor fuses every model it is
     given (AutoBackend(fuse=True) -> model.fuse()), and ultralytics' fuse tests
     ``hasattr(m, "bn")``: fusion's nn.Identity bn is handed to fuse_conv_and_bn,
     which reads its running_mean."""
     _, fused, _, _ = cases("yolov8n")
-    wrapper, _ = _yolo_with(fused)
+    wrapper, _ = _yolo_with(wrapper, fused)
     with pytest.raises(AttributeError, match="'Identity' object has no attribute "
                                              "'running_mean'"):
         wrapper.predict(_image(), imgsz=96, verbose=False)
 
 
-def test_yolo_predict_runs_the_fused_model(cases):
+def test_yolo_predict_runs_the_fused_model(cases, wrapper, record_property):
     """With the fused instance marked as fused for ultralytics (``is_fused``),
     YOLO.predict runs it (letterbox to 96x96, channels_last, as the predictor
     does on this CPU) on a random image. Its raw outputs before NMS are compared
@@ -458,7 +596,7 @@ def test_yolo_predict_runs_the_fused_model(cases):
     model, fused, report, _ = cases("yolov8n")
     marked = copy.deepcopy(fused)
     marked.is_fused = lambda: True
-    wrapper, seen = _yolo_with(marked)
+    wrapper, seen = _yolo_with(wrapper, marked)
     results = wrapper.predict(_image(), imgsz=96, verbose=False)
     assert len(results) == 1 and results[0].boxes is not None
     im = seen["input"]
@@ -469,13 +607,15 @@ def test_yolo_predict_runs_the_fused_model(cases):
     assert got[1].shape == (1, 80, 12 * 12 + 6 * 6 + 3 * 3)  # score logits per anchor
     ref = yolo.raw_outputs(copy.deepcopy(model).double(), im.contiguous().double())
     unfused = yolo.max_rel_err(yolo.raw_outputs(model, im.contiguous()), ref)
+    record_property("predict", {"unfused": unfused, "fusion": yolo.max_rel_err(got, ref)})
     assert yolo.max_rel_err(got, ref) <= 2 * unfused
-    assert yolo.max_rel_err(got, yolo.raw_outputs(model, im.contiguous())) <= report.tolerance
+    assert yolo.rel_err(got, yolo.raw_outputs(model, im.contiguous())) <= report.tolerance
 
     # the unfused model through the same path: ultralytics fuses it itself
-    wrapper2, seen2 = _yolo_with(model)
+    wrapper2, seen2 = _yolo_with(wrapper, model)
     wrapper2.predict(_image(), imgsz=96, verbose=False)
     assert torch.equal(seen2["input"], im)
     assert yolo.count_norms(wrapper2.predictor.model.backend.model) == 0
     theirs = yolo.raw_outputs(lambda _: seen2["raw"], im)
+    record_property("predict_ultralytics", yolo.max_rel_err(theirs, ref))
     assert yolo.max_rel_err(theirs, ref) <= 2 * unfused

@@ -11,10 +11,9 @@ Models (:data:`MODELS`):
 
 - ``yolov8n``, ``yolo11n``: ``ultralytics.nn.tasks.DetectionModel("<name>.yaml")``,
   80 classes, 57 and 81 BatchNorm2d.
-- ``repconv``: ``yolov9t.yaml``, whose RepNCSPELAN4 blocks hold RepConv modules
-  (two Conv+BN branches summed: each BN folds into its own branch's conv;
-  ultralytics' fuser then merges the branches), 221 BatchNorm2d.
-- ``convtranspose``: a small :class:`DeconvNet` (an ultralytics ``BaseModel``, so
+- ``yolov9t``: ``yolov9t.yaml``, whose RepNCSPELAN4 blocks hold RepConv modules,
+  221 BatchNorm2d.
+- ``convtranspose``: a small :class:`SmallNet` (an ultralytics ``BaseModel``, so
   ``model.fuse()`` is ultralytics' own): ``Conv(3, 8, 3, 2)`` ->
   ``ConvTranspose(8, 8, bn=True)`` (k=2, s=2) -> ``nn.Conv2d(8, 4, 1)``.
 - ``convtranspose_grouped``: the same with ``groups=4`` in the transposed conv.
@@ -23,6 +22,10 @@ Models (:data:`MODELS`):
   ``nn.ConvTranspose2d(8, 8, 2, 2, groups=4, bias=False)``: the module's own
   ``forward`` and ``forward_fuse``, and ultralytics' ``fuse_deconv_and_bn``, read
   nothing but that attribute and ``bn``.
+- ``repconv``: the same with ``RepConv(8, 8, 3, 1)`` in the middle: two
+  Conv+BN branches (3x3 and 1x1) summed, then SiLU. Each BN folds into its own
+  branch's conv; ultralytics' fuser also merges the two branches into one conv
+  (``fuse_convs``), which is a reparameterisation, not a BN fold.
 """
 import os
 from typing import List, Tuple
@@ -32,15 +35,17 @@ from torch import nn
 
 from .models import calibrate
 
-__all__ = ["MODELS", "DETECTION", "build", "input_shape", "raw_outputs", "max_rel_err",
-           "count_norms", "ultralytics_version"]
+__all__ = ["MODELS", "DETECTION", "SMALL", "build", "input_shape", "raw_outputs",
+           "max_rel_err", "rel_err", "count_norms", "ultralytics_version"]
 
 #: Detection models built from ultralytics' yaml: name -> yaml.
-DETECTION = {"yolov8n": "yolov8n.yaml", "yolo11n": "yolo11n.yaml", "repconv": "yolov9t.yaml"}
+DETECTION = {"yolov8n": "yolov8n.yaml", "yolo11n": "yolo11n.yaml", "yolov9t": "yolov9t.yaml"}
+#: The small models built from ultralytics' modules (SmallNet).
+SMALL = ["convtranspose", "convtranspose_grouped", "repconv"]
 #: Every model :func:`build` makes.
-MODELS = ["yolov8n", "yolo11n", "repconv", "convtranspose", "convtranspose_grouped"]
+MODELS = ["yolov8n", "yolo11n", "yolov9t"] + SMALL
 
-_SIZE = {"convtranspose": 32, "convtranspose_grouped": 32}
+_SIZE = {name: 32 for name in SMALL}
 
 
 def _offline():
@@ -58,52 +63,58 @@ def ultralytics_version() -> str:
     return ultralytics.__version__
 
 
-_DECONV_CLASS = None
+_SMALL_CLASS = None
 
 
-def _deconv_class():
-    """DeconvNet, made on first use (its base class is ultralytics' BaseModel,
-    which is imported only then); module ``__getattr__`` serves it under its
-    name, so that pickled instances load in any process."""
-    global _DECONV_CLASS
-    if _DECONV_CLASS is not None:
-        return _DECONV_CLASS
+def _small_class():
+    """SmallNet, made on first use (its base class is ultralytics' BaseModel,
+    which is imported only then); the module's ``__getattr__`` serves it under
+    its name, so that pickled instances load in any process."""
+    global _SMALL_CLASS
+    if _SMALL_CLASS is not None:
+        return _SMALL_CLASS
     _offline()
-    from ultralytics.nn.modules import Conv, ConvTranspose
+    from ultralytics.nn.modules import Conv, ConvTranspose, RepConv
     from ultralytics.nn.tasks import BaseModel
 
-    class DeconvNet(BaseModel):
-        """Conv -> ConvTranspose (+BN, SiLU) -> 1x1 Conv2d, run by BaseModel's own
-        forward (``_predict_once``) and fused by BaseModel's own ``fuse()``."""
+    class SmallNet(BaseModel):
+        """``Conv(3, 8, 3, 2)`` -> a middle block -> ``nn.Conv2d(8, 4, 1)``, run by
+        BaseModel's own forward (``_predict_once``) and fused by BaseModel's own
+        ``fuse()``. The middle block: ``ConvTranspose(8, 8, bn=True)`` (k=2, s=2),
+        the same with a grouped ``conv_transpose``, or ``RepConv(8, 8)``."""
 
-        def __init__(self, groups=1):
+        def __init__(self, kind="convtranspose"):
             super().__init__()
-            layers = [Conv(3, 8, 3, 2), ConvTranspose(8, 8, bn=True), nn.Conv2d(8, 4, 1)]
-            if groups != 1:
-                layers[1].conv_transpose = nn.ConvTranspose2d(8, 8, 2, 2, 0, groups=groups,
-                                                              bias=False)
+            if kind == "repconv":
+                middle = RepConv(8, 8, 3, 1)
+            else:
+                middle = ConvTranspose(8, 8, bn=True)
+                if kind == "convtranspose_grouped":
+                    middle.conv_transpose = nn.ConvTranspose2d(8, 8, 2, 2, 0, groups=4,
+                                                               bias=False)
+            layers = [Conv(3, 8, 3, 2), middle, nn.Conv2d(8, 4, 1)]
             for i, m in enumerate(layers):
                 m.i, m.f, m.type = i, -1, type(m).__name__
             self.model = nn.Sequential(*layers)
             self.save = []
             self.stride = torch.tensor([2.0])
 
-    DeconvNet.__module__ = __name__
-    DeconvNet.__qualname__ = "DeconvNet"
-    _DECONV_CLASS = DeconvNet
-    return DeconvNet
+    SmallNet.__module__ = __name__
+    SmallNet.__qualname__ = "SmallNet"
+    _SMALL_CLASS = SmallNet
+    return SmallNet
 
 
 def __getattr__(name):
-    if name == "DeconvNet":
-        return _deconv_class()
+    if name == "SmallNet":
+        return _small_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def input_shape(name: str, batch: int = 1) -> Tuple[int, ...]:
     """The input shape used for ``name``: 64x64 for the detection models (a
     multiple of their stride 32: three heads of 8x8, 4x4 and 2x2 anchors), 32x32
-    for the small ConvTranspose models."""
+    for the small models."""
     if name not in MODELS:
         raise ValueError(f"{name!r} is not one of {MODELS}")
     size = _SIZE.get(name, 64)
@@ -129,7 +140,7 @@ def build(name: str, seed: int = 0, shape=None):
 
         model = DetectionModel(DETECTION[name], verbose=False)
     else:
-        model = _deconv_class()(groups=4 if name == "convtranspose_grouped" else 1)
+        model = _small_class()(name)
     return calibrate(model, shape=shape, steps=3, seed=seed)
 
 
@@ -173,6 +184,17 @@ def _flatten(obj) -> List[torch.Tensor]:
     if isinstance(obj, (tuple, list)):
         return [t for o in obj for t in _flatten(o)]
     return []
+
+
+def rel_err(outputs, reference) -> float:
+    """``||a - r||_2 / ||r||_2`` of all the tensors of two lists, flattened and
+    concatenated in float64: the metric of fusion's verification, and so of
+    ``report.tolerance``."""
+    if len(outputs) != len(reference):
+        raise ValueError(f"{len(outputs)} outputs against {len(reference)} references")
+    a = torch.cat([t.detach().double().reshape(-1) for t in outputs])
+    r = torch.cat([t.detach().double().reshape(-1) for t in reference])
+    return float((a - r).norm() / r.norm())
 
 
 def max_rel_err(outputs, reference) -> float:
