@@ -338,6 +338,7 @@ def _plan_dict(folds: List[Fold], replaced: List[str]) -> Dict:
     return {
         "version": PLAN_VERSION,
         "folds": [{"layer": f.layer, "after": f.after, "before": f.before,
+                   "after_more": list(f.after_more), "before_more": list(f.before_more),
                    "after_channels": None if f.after_channels is None
                    else list(f.after_channels),
                    "bias_added": f.bias_added, "untie": f.untie} for f in folds],
@@ -351,7 +352,8 @@ def _account(report: FusionReport, model, prepared: List[rewrite.Prepared]):
     seen = set()
     for p in prepared:
         fold = p.fold
-        for norm, direction in ((fold.before, "before"), (fold.after, "after")):
+        for norm, direction in [(n, "before") for n in fold.before_norms()] + \
+                [(n, "after") for n in fold.after_norms()]:
             if norm is not None:
                 channels = fold.after_channels if direction == "after" else None
                 report.fused.append(FusedPair(
@@ -680,7 +682,8 @@ def apply_plan(model, plan):
             raise FusionError(f"{name}: the plan folds into this layer, but the model "
                               f"has no Conv/Linear there; build the same architecture "
                               f"the plan came from.", name, "plan")
-        for norm in (entry.get("after"), entry.get("before")):
+        for norm in [entry.get("after"), entry.get("before")] + \
+                list(entry.get("after_more", [])) + list(entry.get("before_more", [])):
             if norm is not None and norm not in modules:
                 raise FusionError(f"{norm}: the plan folds this norm, but the model has "
                                   f"no module there.", norm, "plan")

@@ -49,6 +49,25 @@ class NormParams:
                           cut(self.bias), self.eps)
 
 
+def compose(maps: List[NormParams]) -> NormParams:
+    """One NormParams for several norms applied in turn (a chain), computed in
+    float64: ``weight`` the product of their scales, ``bias`` the shift carried
+    through, with mean 0, variance 1 and eps 0. A single map is returned as it
+    is, so that a lone norm is folded from its own values."""
+    if len(maps) == 1:
+        return maps[0]
+    scale = shift = None
+    for p in maps:
+        s = torch.rsqrt(p.running_var.detach().double().cpu() + p.eps)
+        if p.weight is not None:
+            s = s * p.weight.detach().double().cpu()
+        t = -p.running_mean.detach().double().cpu() * s
+        if p.bias is not None:
+            t = t + p.bias.detach().double().cpu()
+        scale, shift = (s, t) if scale is None else (scale * s, shift * s + t)
+    return NormParams(torch.zeros_like(scale), torch.ones_like(scale), scale, shift, 0.0)
+
+
 NormAdapter = Callable[[nn.Module], NormParams]
 #: Takes a norm module and returns the module that stays in its place when its
 #: affine map is folded, or None for nothing (nn.Identity).

@@ -14,6 +14,7 @@ from .discover import OTHER, Call, Cat, Flow
 from .errors import FusionError
 from .layers import (
     canonical_names,
+    compose,
     describe,
     has_hooks,
     in_channels,
@@ -70,6 +71,10 @@ class Fold:
     layer: str
     after: Optional[str] = None  # the norm that follows the layer
     before: Optional[str] = None  # the norm that precedes it
+    # Chains: the norms after ``after``, in order, and those applied before
+    # ``before``, in order (x -> before_more... -> before -> layer).
+    after_more: List[str] = field(default_factory=list)
+    before_more: List[str] = field(default_factory=list)
     # The channels of ``after`` that this layer's output is, where the norm
     # follows a torch.cat of several layers' outputs; None for all of them.
     after_channels: Optional[Tuple[int, int]] = None
@@ -78,15 +83,27 @@ class Fold:
     bias_added: bool = False
 
     def norms(self) -> List[str]:
-        return [n for n in (self.before, self.after) if n is not None]
+        return self.before_norms() + self.after_norms()
 
-    def after_map(self, norm: nn.Module):
-        """The NormParams of ``norm`` (the module named ``after``) that fold into
-        this layer: its slice of the channels where it follows a torch.cat."""
-        params = norm_params(norm)
+    def before_norms(self) -> List[str]:
+        """The norms before the layer, in the order the forward applies them."""
+        return self.before_more + [self.before] if self.before is not None else []
+
+    def after_norms(self) -> List[str]:
+        return [self.after] + self.after_more if self.after is not None else []
+
+    def after_map(self, norms: Dict[str, nn.Module]):
+        """The NormParams that fold into this layer's output: the norm after it
+        (its slice of the channels where it follows a torch.cat), or the chain
+        of norms after it composed into one. ``norms``: modules by name."""
+        maps = [norm_params(norms[n]) for n in self.after_norms()]
         if self.after_channels is not None:
-            params = params.channels(*self.after_channels)
-        return params
+            maps = [m.channels(*self.after_channels) for m in maps]
+        return compose(maps)
+
+    def before_map(self, norms: Dict[str, nn.Module]):
+        """The NormParams that fold into this layer's input (a chain composed)."""
+        return compose([norm_params(norms[n]) for n in self.before_norms()])
 
 
 @dataclass
@@ -115,11 +132,15 @@ class Decision:
     reason: Optional[Reason] = None
     # After a torch.cat: each layer's channels of the norm, in ``layers`` order.
     channels: Optional[Tuple[Tuple[int, int], ...]] = None
+    # A chain: the norms between this one and its layer, from the layer's side
+    # ("after": layer -> via... -> norm; "before": norm -> via... -> layer).
+    via: Tuple[str, ...] = ()
 
     def __str__(self):
         if self.reason is not None:
             return f"left ({self.reason.code})"
-        return f"folds {self.direction} {', '.join(self.layers)}"
+        through = f" through {', '.join(self.via)}" if self.via else ""
+        return f"folds {self.direction} {', '.join(self.layers)}{through}"
 
 
 def _left(code, detail) -> Decision:
@@ -220,8 +241,34 @@ def _cat_channels(norm: str, cat: Cat, modules, c: int) -> Tuple[Tuple[int, int]
     return tuple(out)
 
 
+def _chain_back(flow: Flow, call: Call, modules):
+    """``(call, via)`` for a norm whose input is the sole output of another
+    norm (Conv -> BN -> BN): the call that feeds the first norm of the chain,
+    and the norms between it and ``call``, from the layer's side. Each norm in
+    between is known, has no remainder, runs once and feeds the next alone."""
+    via = []
+    cur = call
+    while cur.src is not None and not isinstance(cur.src, Cat):
+        prev = cur.src
+        module = modules[prev.name]
+        if not is_norm_module(module) or norm_spec(module) is None:
+            break
+        if norm_remainder(module) is not None or flow.count(prev.name) != 1 or \
+                len(prev.users) != 1 or prev.users[0] is not cur:
+            break
+        via.insert(0, prev.name)
+        cur = prev
+    return cur, tuple(via)
+
+
 def _after(flow: Flow, calls: List[Call], modules, norm: str) -> Decision:
     """The norm folds after the layer of each of its calls, or why not."""
+    if len(calls) == 1 and calls[0].src is not None and not isinstance(calls[0].src, Cat) \
+            and is_norm_module(modules[calls[0].src.name]):
+        head, via = _chain_back(flow, calls[0], modules)
+        if via and _producer_reason(flow, head, modules) is None and \
+                not isinstance(head.src, Cat):
+            return Decision("after", (head.src.name,), via=via)
     for call in calls:
         reason = _producer_reason(flow, call, modules)
         if reason is not None:
@@ -246,8 +293,18 @@ def _before(flow: Flow, calls: List[Call], modules, norm: str) -> Optional[Decis
     when it feeds no such call."""
     if len(calls) != 1 or len(calls[0].users) != 1 or calls[0].users[0] is OTHER:
         return None
-    user = calls[0].users[0]
-    if isinstance(user, Cat) or user.src is not calls[0] or not is_layer(modules[user.name]):
+    via = []
+    cur, user = calls[0], calls[0].users[0]
+    # A chain (BN -> BN -> Conv): through norms that run once, have no
+    # remainder, and feed the next alone.
+    while not isinstance(user, Cat) and user is not OTHER and user.src is cur and \
+            is_norm_module(modules[user.name]) and norm_spec(modules[user.name]) is not None \
+            and norm_remainder(modules[user.name]) is None and flow.count(user.name) == 1 \
+            and len(user.users) == 1:
+        via.append(user.name)
+        cur, user = user, user.users[0]
+    if user is OTHER or isinstance(user, Cat) or user.src is not cur or \
+            not is_layer(modules[user.name]):
         return None
     layer = modules[user.name]
     if plain_layer_kind(layer) not in ("conv", "linear"):
@@ -261,7 +318,7 @@ def _before(flow: Flow, calls: List[Call], modules, norm: str) -> Optional[Decis
     if flow.count(user.name) > 1:
         return _left("called_twice", f"the layer it feeds, {user.name}, is called "
                      f"{flow.count(user.name)} times")
-    return Decision("before", (user.name,))
+    return Decision("before", (user.name,), via=tuple(via))
 
 
 def decide(flow: Flow, norm: str, modules) -> Decision:
@@ -526,7 +583,7 @@ PAIR_RULES = [_rule_layer_hooks, _rule_layer_params_own, _rule_linear_rank]
 
 def _rule_one_norm_before(name, decision, by_layer) -> Optional[Reason]:
     existing = by_layer.get(decision.layers[0])
-    if decision.direction == "before" and existing is not None and \
+    if decision.direction == "before" and not decision.via and existing is not None and \
             existing.before is not None:
         return Reason("called_twice", f"{decision.layers[0]} already folds another norm")
     return None
@@ -534,13 +591,15 @@ def _rule_one_norm_before(name, decision, by_layer) -> Optional[Reason]:
 
 def _rule_exact_before(name, norm, decision, ctx) -> Optional[Reason]:
     """Checks the pairs' tensors (raising for a broken model), then that a norm
-    folded into a layer's input is exact there."""
+    (or the chain from it) folded into a layer's input is exact there."""
     for i, layer_name in enumerate(decision.layers):
         check_pair(layer_name, ctx.modules[layer_name], name, norm, decision.direction,
                    decision.channels[i] if decision.channels else None)
     if decision.direction != "before":
         return None
-    why = _before_exact(ctx.modules[decision.layers[0]], norm_params(norm))
+    chain = [norm] + [ctx.modules[v] for v in decision.via]
+    why = _before_exact(ctx.modules[decision.layers[0]],
+                        compose([norm_params(m) for m in chain]))
     return Reason("zero_padding", why) if why else None
 
 
@@ -558,7 +617,7 @@ def _context(model, flows: List[Flow]) -> _Context:
                     branchy, _shares_storage(model))
 
 
-def _reason(name, norm, ctx, by_layer) -> Union[Reason, Decision]:
+def _reason(name, norm, ctx) -> Union[Reason, Decision]:
     """Applies every rule to one norm: the first Reason to leave it, or the
     Decision to fold it."""
     for rule in NORM_RULES:
@@ -573,8 +632,31 @@ def _reason(name, norm, ctx, by_layer) -> Union[Reason, Decision]:
             reason = rule(name, layer_name, decision, ctx)
             if reason is not None:
                 return reason
-    return _rule_one_norm_before(name, decision, by_layer) or \
-        _rule_exact_before(name, norm, decision, ctx) or decision
+    return _rule_exact_before(name, norm, decision, ctx) or decision
+
+
+def _broken_chains(outcomes: Dict[str, Union[Reason, Decision]]):
+    """A norm that folds through others (a chain) is left where one of them is
+    left, or folds elsewhere; repeated until nothing changes."""
+    changed = True
+    while changed:
+        changed = False
+        for name, outcome in outcomes.items():
+            if isinstance(outcome, Reason) or not outcome.via:
+                continue
+            for v in outcome.via:
+                other = outcomes.get(v)
+                if isinstance(other, Decision) and other.direction == outcome.direction \
+                        and other.layers == outcome.layers:
+                    continue
+                why = other.code if isinstance(other, Reason) else "it folds elsewhere"
+                where = "its input is the output of" if outcome.direction == "after" \
+                    else "it feeds"
+                outcomes[name] = Reason("not_after_producer", f"{where} the norm {v}, which "
+                                        f"is left ({why}), so it cannot fold into "
+                                        f"{outcome.layers[0]} through it")
+                changed = True
+                break
 
 
 def _add_fold(name, decision, ctx, by_layer, evidence):
@@ -586,11 +668,21 @@ def _add_fold(name, decision, ctx, by_layer, evidence):
             fold.untie = any(ctx.shared.get(id(t), 1) > 1 or _self_overlapping(t)
                              for t in (layer.weight, layer.bias) if t is not None)
             fold.bias_added = layer.bias is None
-        if decision.direction == "after":
+        if decision.direction == "after" and not decision.via:
             fold.after = name
             fold.after_channels = decision.channels[i] if decision.channels else None
-        else:
+        elif decision.direction == "after":
+            fold.after_more.append(name)
+        elif not decision.via:
             fold.before = name
+        else:
+            fold.before_more.append(name)
+
+
+def _chain_order(fold: Fold, outcomes):
+    """Puts a fold's chain norms in the order the forward applies them."""
+    fold.after_more.sort(key=lambda n: len(outcomes[n].via))
+    fold.before_more.sort(key=lambda n: -len(outcomes[n].via))
 
 
 def make_plan(model, flows: List[Flow]) -> Plan:
@@ -599,7 +691,7 @@ def make_plan(model, flows: List[Flow]) -> Plan:
     plan = Plan(evidence=list(dict.fromkeys(f.source for f in flows)),
                 notes=list(dict.fromkeys(f.note for f in flows
                                          if f.note and f.source == "recorded")))
-    by_layer: Dict[str, Fold] = {}
+    outcomes: Dict[str, Union[Reason, Decision]] = {}
     for name, module in model.named_modules():
         if not is_norm_module(module):
             continue
@@ -607,11 +699,18 @@ def make_plan(model, flows: List[Flow]) -> Plan:
             plan.left.append(Left(ROOT, "not_after_producer", "the model is this norm "
                                   "alone: there is no layer to fold it into"))
             continue
-        outcome = _reason(name, module, ctx, by_layer)
+        outcomes[name] = _reason(name, module, ctx)
+    _broken_chains(outcomes)
+    by_layer: Dict[str, Fold] = {}
+    for name, outcome in outcomes.items():
+        if isinstance(outcome, Decision):
+            outcome = _rule_one_norm_before(name, outcome, by_layer) or outcome
         if isinstance(outcome, Reason):
             plan.left.append(Left(name, outcome.code, outcome.detail))
         else:
             _add_fold(name, outcome, ctx, by_layer, "+".join(plan.evidence))
+    for fold in by_layer.values():
+        _chain_order(fold, outcomes)
     # Keep the order of the model.
     order = {n: i for i, n in enumerate(ctx.modules)}
     plan.folds = sorted(by_layer.values(), key=lambda f: order[f.layer])

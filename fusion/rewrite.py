@@ -177,20 +177,47 @@ def _targets(p: Prepared):
     return host_w, host_b
 
 
+def _check_chain(names, norms):
+    """The C core checks the one map it is given; a chain's is composed here
+    first, so each norm of it is checked here, by name."""
+    for name in names:
+        params = norm_params(norms[name])
+        for what, t in (("running_mean", params.running_mean),
+                        ("running_var", params.running_var), ("weight", params.weight),
+                        ("bias", params.bias)):
+            if t is None:
+                continue
+            bad = (~torch.isfinite(t.detach())).nonzero()
+            if bad.numel():
+                raise FusionError(f"{name}: {what}[{int(bad[0, 0])}] holds a NaN or "
+                                  f"infinite value; the model's state is broken. Reload a "
+                                  f"good checkpoint or recalibrate the norm's statistics.",
+                                  name, "nonfinite")
+        low = ((params.running_var.detach().double() + params.eps) <= 0).nonzero()
+        if low.numel():
+            i = int(low[0, 0])
+            raise FusionError(f"{name}: running_var + eps is not positive (running_var[{i}] "
+                              f"= {float(params.running_var[i]):g}), so the norm divides by "
+                              f"zero; recalibrate its statistics or raise eps.", name,
+                              "variance")
+
+
 def _prepare_one(model, fold: Fold) -> Prepared:
     """Raises _C.FoldError for what the core refuses."""
     layer = model.get_submodule(fold.layer)
     p = Prepared(fold, None, layer)
     had_bias = layer.bias is not None
     weight, bias_out = _targets(p)
-    main = fold.before if fold.before is not None else fold.after
-    p.norms[main] = model.get_submodule(main)
-    post = None
-    if fold.before is not None and fold.after is not None:
-        p.norms[fold.after] = model.get_submodule(fold.after)
-        post = _host_norm(fold.after_map(p.norms[fold.after]))
-    params = fold.after_map(p.norms[main]) if fold.before is None else \
-        norm_params(p.norms[main])
+    for name in fold.norms():
+        p.norms[name] = model.get_submodule(name)
+    for chain in (fold.before_norms(), fold.after_norms()):
+        if len(chain) > 1:
+            _check_chain(chain, p.norms)
+    if fold.before is not None:
+        params = fold.before_map(p.norms)
+        post = _host_norm(fold.after_map(p.norms)) if fold.after is not None else None
+    else:
+        params, post = fold.after_map(p.norms), None
     transpose = isinstance(layer, nn.modules.conv._ConvTransposeNd)
     p.handle = _C.prepare(weight=weight, bias_in=bias_out if had_bias else None,
                           bias_out=bias_out, norm=_host_norm(params),

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .errors import FusionError
-from .layers import map_tensors, norm_params, tensors
+from .layers import map_tensors, tensors
 
 __all__ = ["TOLERANCE_FACTOR"]
 
@@ -196,9 +196,9 @@ def _pair_ulps(p, originals) -> _PairUlps:
     weight, bias = originals[f.layer]
     transpose = isinstance(p.layer, nn.modules.conv._ConvTransposeNd)
     groups = getattr(p.layer, "groups", 1)
-    after = f.after_map(p.norms[f.after]) if f.after is not None else None
+    after = f.after_map(p.norms) if f.after is not None else None
     if f.before is not None:
-        w, b = _exact_fold(weight, bias, norm_params(p.norms[f.before]), "before", groups,
+        w, b = _exact_fold(weight, bias, f.before_map(p.norms), "before", groups,
                            False, after)
     else:
         w, b = _exact_fold(weight, bias, after, "after", groups, transpose)
@@ -287,10 +287,10 @@ def _one_layer(p, x, originals):
     fused = copy.deepcopy(p.layer).double().cpu()
     ref = x
     if p.fold.before is not None:
-        ref = _affine(ref, norm_params(p.norms[p.fold.before]))
+        ref = _affine(ref, p.fold.before_map(p.norms))
     ref = _reference_layer(p, originals)(ref)
     if p.fold.after is not None:
-        ref = _affine(ref, p.fold.after_map(p.norms[p.fold.after]))
+        ref = _affine(ref, p.fold.after_map(p.norms))
     got = fused(x)
     absolute = copy.deepcopy(fused)
     with torch.no_grad():
