@@ -62,6 +62,15 @@ class Cat(Call):
     parts: List[Call] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class View(Call):
+    """A view of one tracked call's output (``src``) that merges its leading
+    dims and keeps its last (``x.flatten(0, 1)`` of a (B, N, C) Linear output,
+    as timm's LeViT does before a BatchNorm1d): the other function call a flow
+    tracks."""
+
+
+VIEW = "flatten"
 CAT = "torch.cat"
 _CAT_FUNCTIONS = tuple(f for f in (torch.cat, getattr(torch, "concat", None),
                                    getattr(torch, "concatenate", None)) if f is not None)
@@ -150,16 +159,28 @@ def flow_from_fx(model) -> Flow:
     flow = Flow("fx")
     by_node: Dict[fx.Node, Call] = {}
     rank: Dict[fx.Node, int] = {}
+    through: Dict[fx.Node, fx.Node] = {}  # a pass-through module's node -> its input's
+
+    def value(arg):
+        return through.get(arg, arg) if isinstance(arg, fx.Node) else arg
+
     for node in graph.nodes:
         proven = _proven_rank(node, model, rank)
         if proven is not None:
             rank[node] = proven
         if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
-            cat = _fx_cat(node, by_node)
+            cat = _fx_cat(node, by_node, value)
             if cat is not None:
                 by_node[node] = cat
+        elif _fx_leading_flatten(node) and value(node.args[0]) in by_node and \
+                not isinstance(by_node[value(node.args[0])], (Cat, View)):
+            by_node[node] = View(VIEW, src=by_node[value(node.args[0])])
         elif node.op == "call_module":
             module = model.get_submodule(node.target)
+            if _passes_through(module) and len(node.args) == 1 and not node.kwargs and \
+                    isinstance(node.args[0], fx.Node):
+                through[node] = value(node.args[0])
+                continue
             if not is_interesting(module):
                 continue
             call = flow.add(Call(names[id(module)]))
@@ -167,7 +188,7 @@ def flow_from_fx(model) -> Flow:
                 call.in_ndim = rank.get(node.args[0])
             by_node[node] = call
             if len(node.args) == 1 and not node.kwargs:
-                src = by_node.get(node.args[0])
+                src = by_node.get(value(node.args[0]))
                 if src is not None:
                     call.src = src
         elif node.op == "get_attr":
@@ -178,18 +199,64 @@ def flow_from_fx(model) -> Flow:
                 continue
             if is_interesting(module):
                 flow.escaped.add(names[id(module)])
-    for node, call in by_node.items():
+
+    def uses(node):
+        """(user, the node it uses) of ``node``'s value, through pass-throughs."""
         for user in node.users:
+            if user in through:
+                yield from uses(user)
+            else:
+                yield user, node
+
+    for node, call in by_node.items():
+        for user, used in uses(node):
             consumer = by_node.get(user)
             if consumer is not None and (consumer.src is call or (
                     isinstance(consumer, Cat) and call in consumer.parts)):
                 call.users.append(consumer)
-            else:
+            elif not _fx_shape_only(user, used):
                 call.users.append(OTHER)
     return flow
 
 
-def _fx_cat(node, by_node) -> Optional[Cat]:
+#: Modules whose eval-mode forward returns its input itself: nothing happens
+#: between the modules on either side (a recorded run sees the same tensor).
+_PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                 nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def _passes_through(module) -> bool:
+    return type(module) in _PASS_THROUGH and not module.training and \
+        not module._forward_hooks and not module._forward_pre_hooks
+
+
+def _fx_leading_flatten(node) -> bool:
+    """``x.flatten(0, k)`` or ``torch.flatten(x, 0, k)`` with an explicit end
+    (whether it leaves two dims is the plan's to prove, from the norm's rank)."""
+    method = node.op == "call_method" and node.target == "flatten"
+    function = node.op == "call_function" and node.target is torch.flatten
+    if not (method or function) or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    args, kwargs = node.args, node.kwargs
+    start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+    end = args[2] if len(args) > 2 else kwargs.get("end_dim")
+    return start == 0 and isinstance(end, int) and end >= 1
+
+
+def _fx_shape_only(user, node) -> bool:
+    """A use of ``node`` that reads its shape, not its values: ``x.size()``,
+    ``x.dim()``, ``x.shape``, or ``y.reshape_as(x)`` / ``y.view_as(x)``."""
+    if user.op == "call_method":
+        if user.target in ("size", "dim"):
+            return user.args[:1] == (node,)
+        if user.target in ("reshape_as", "view_as"):
+            return len(user.args) == 2 and user.args[1] is node and user.args[0] is not node
+        return False
+    return user.op == "call_function" and user.target is getattr and \
+        user.args[1:] == ("shape",)
+
+
+def _fx_cat(node, by_node, value) -> Optional[Cat]:
     """A Cat for ``torch.cat(parts, 1)`` of distinct tracked calls' outputs, as
     the graph states it; None for any other concatenation."""
     args, kwargs = node.args, node.kwargs
@@ -197,7 +264,9 @@ def _fx_cat(node, by_node) -> Optional[Cat]:
     dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
     if set(kwargs) - {"tensors", "dim"} or not isinstance(parts, (list, tuple)) or dim != 1:
         return None
-    if len(parts) < 2 or not all(isinstance(p, fx.Node) and p in by_node for p in parts):
+    parts = [value(p) for p in parts]
+    if len(parts) < 2 or not all(isinstance(p, fx.Node) and p in by_node and
+                                 not isinstance(by_node[p], (Cat, View)) for p in parts):
         return None
     if len(set(parts)) != len(parts):
         return None
@@ -273,10 +342,24 @@ class _Recorder:
         if dim < 0:
             dim += parts[0].dim()
         calls = [self._found(t) for t in parts]
-        if dim != 1 or any(c is None for c in calls) or len({id(t) for t in parts}) != \
-                len(parts):
+        if dim != 1 or any(c is None or isinstance(c, (Cat, View)) for c in calls) or \
+                len({id(t) for t in parts}) != len(parts):
             return None
         return Cat(CAT, parts=calls)
+
+    def view_of(self, func, args) -> Optional[View]:
+        """A View for an aten view op outside any tracked module that turns a
+        tracked call's output of rank >= 3 into (product of the leading dims,
+        last dim); None for any other op."""
+        if func not in _ATEN_VIEWS or self.stack or threading.get_ident() != self.thread:
+            return None
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() < 3:
+            return None
+        src = self._found(x)
+        if src is None or isinstance(src, (Cat, View)):
+            return None
+        return View(VIEW, src=src)
 
     def made(self, call: Call, output):
         """Records ``output`` as made by ``call`` (a module's, or a Cat)."""
@@ -285,7 +368,7 @@ class _Recorder:
             origin = self.origin
             origin[key] = (call, weakref.ref(output, lambda _, k=key: origin.pop(k, None)))
 
-    def on_op(self, func, args, kwargs, cat: Optional[Cat] = None):
+    def on_op(self, func, args, kwargs, cat: Optional[Call] = None):
         if threading.get_ident() != self.thread:
             return
         top = self.stack[-1] if self.stack else None
@@ -294,7 +377,8 @@ class _Recorder:
         for t in tensors((args, kwargs)):
             call = self._found(t)
             if call is not None:
-                if cat is not None and call in cat.parts:
+                if isinstance(cat, Cat) and call in cat.parts or \
+                        isinstance(cat, View) and call is cat.src:
                     call.users.append(cat)
                 elif top is None or not any(u is top for u in call.users):
                     call.users.append(OTHER)
@@ -314,6 +398,21 @@ _VALUE_READS = {
     torch.ops.aten.is_nonzero.default,
 }
 _ATEN_CAT = torch.ops.aten.cat.default
+# What x.flatten(0, k) / x.reshape(-1, c) dispatch to (torch 2: view; 1.13:
+# _reshape_alias).
+_ATEN_VIEWS = tuple(getattr(torch.ops.aten, n).default for n in
+                    ("view", "_reshape_alias", "_unsafe_view", "reshape")
+                    if hasattr(torch.ops.aten, n))
+
+
+def _merges_leading(x, out) -> bool:
+    """``out`` is ``x`` with its leading dims merged into one and its last kept."""
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or x.dim() < 3:
+        return False
+    lead = 1
+    for d in x.shape[:-1]:
+        lead *= d
+    return tuple(out.shape) == (lead, x.shape[-1])
 
 
 def _is_shape_read(func) -> bool:
@@ -377,11 +476,14 @@ def flow_from_run(model, example_inputs):
     class _Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            cat = rec.cat_of(func, args, kwargs)
-            rec.on_op(func, args, kwargs, cat)
+            made = rec.cat_of(func, args, kwargs) or rec.view_of(func, args)
+            rec.on_op(func, args, kwargs, made)
             output = func(*args, **kwargs)
-            if cat is not None:
-                rec.made(cat, output)
+            if isinstance(made, View) and not _merges_leading(args[0], output):
+                made.src.users[-1] = OTHER  # any other view: a use like any other
+                made = None
+            if made is not None:
+                rec.made(made, output)
             return output
 
     handles = []

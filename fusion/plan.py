@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .discover import OTHER, Call, Cat, Flow
+from .discover import OTHER, Call, Cat, Flow, View
 from .errors import FusionError
 from .layers import (
     canonical_names,
@@ -181,6 +181,8 @@ def _producer_reason(flow: Flow, call: Call, modules) -> Optional[Reason]:
                       "its input is not the direct output of a conv or linear layer")
     if isinstance(src, Cat):
         return _cat_reason(flow, call, src, modules)
+    if isinstance(src, View):
+        return _view_reason(flow, call, src, modules)
     layer = modules[src.name]
     if layer_kind(layer) is None:
         return Reason("unsupported_layer" if is_layer(layer) else "not_after_producer",
@@ -191,6 +193,29 @@ def _producer_reason(flow: Flow, call: Call, modules) -> Optional[Reason]:
     if any(u is not call for u in src.users):
         return Reason("producer_output_reused",
                       f"the output of {src.name} is also used elsewhere")
+    return None
+
+
+def _view_reason(flow: Flow, call: Call, view: View, modules) -> Optional[Reason]:
+    """Rule 6c: a norm after a view that merges a Linear's leading dims and
+    keeps its last (``linear(x).flatten(0, 1)``, LeViT) folds into the Linear
+    when the Linear runs once, the view is its output's one use, and the norm
+    the view's (the norm's input being 2-D is rule 8's)."""
+    lin = view.src
+    layer = modules[lin.name]
+    if layer_kind(layer) != "linear":
+        return Reason("not_after_producer", f"its input is a flatten of the output of "
+                      f"{lin.name} ({type(layer).__name__}); only a Linear's leading dims "
+                      f"may be merged before its norm")
+    if flow.count(lin.name) > 1:
+        return Reason("called_twice",
+                      f"its layer {lin.name} is called {flow.count(lin.name)} times")
+    if len(lin.users) != 1 or lin.users[0] is not view:
+        return Reason("producer_output_reused",
+                      f"the output of {lin.name} is also used elsewhere")
+    if any(u is not call for u in view.users):
+        return Reason("producer_output_reused", f"the flattened output of {lin.name} is "
+                      f"also used elsewhere")
     return None
 
 
@@ -248,7 +273,7 @@ def _chain_back(flow: Flow, call: Call, modules):
     between is known, has no remainder, runs once and feeds the next alone."""
     via = []
     cur = call
-    while cur.src is not None and not isinstance(cur.src, Cat):
+    while cur.src is not None and not isinstance(cur.src, (Cat, View)):
         prev = cur.src
         module = modules[prev.name]
         if not is_norm_module(module) or norm_spec(module) is None:
@@ -263,11 +288,12 @@ def _chain_back(flow: Flow, call: Call, modules):
 
 def _after(flow: Flow, calls: List[Call], modules, norm: str) -> Decision:
     """The norm folds after the layer of each of its calls, or why not."""
-    if len(calls) == 1 and calls[0].src is not None and not isinstance(calls[0].src, Cat) \
-            and is_norm_module(modules[calls[0].src.name]):
+    if len(calls) == 1 and calls[0].src is not None and \
+            not isinstance(calls[0].src, (Cat, View)) and \
+            is_norm_module(modules[calls[0].src.name]):
         head, via = _chain_back(flow, calls[0], modules)
         if via and _producer_reason(flow, head, modules) is None and \
-                not isinstance(head.src, Cat):
+                not isinstance(head.src, (Cat, View)):
             return Decision("after", (head.src.name,), via=via)
     for call in calls:
         reason = _producer_reason(flow, call, modules)
@@ -282,7 +308,7 @@ def _after(flow: Flow, calls: List[Call], modules, norm: str) -> Decision:
         c = c.numel() if c is not None else 0
         return Decision("after", tuple(p.name for p in cats[0].parts),
                         channels=_cat_channels(norm, cats[0], modules, c))
-    layers = tuple(c.src.name for c in calls)
+    layers = tuple((c.src.src if isinstance(c.src, View) else c.src).name for c in calls)
     if len(set(layers)) != len(layers):
         return _left("called_twice", f"it follows {layers[0]} more than once")
     return Decision("after", layers)
@@ -297,13 +323,13 @@ def _before(flow: Flow, calls: List[Call], modules, norm: str) -> Optional[Decis
     cur, user = calls[0], calls[0].users[0]
     # A chain (BN -> BN -> Conv): through norms that run once, have no
     # remainder, and feed the next alone.
-    while not isinstance(user, Cat) and user is not OTHER and user.src is cur and \
+    while not isinstance(user, (Cat, View)) and user is not OTHER and user.src is cur and \
             is_norm_module(modules[user.name]) and norm_spec(modules[user.name]) is not None \
             and norm_remainder(modules[user.name]) is None and flow.count(user.name) == 1 \
             and len(user.users) == 1:
         via.append(user.name)
         cur, user = user, user.users[0]
-    if user is OTHER or isinstance(user, Cat) or user.src is not cur or \
+    if user is OTHER or isinstance(user, (Cat, View)) or user.src is not cur or \
             not is_layer(modules[user.name]):
         return None
     layer = modules[user.name]
