@@ -76,3 +76,21 @@ def test_yolo_name_without_ultralytics_says_what_to_install(tmp_path):
               env_extra={"PYTHONPATH": str(tmp_path)})
     assert out.returncode == 2
     assert "needs ultralytics" in out.stderr and "fusion[models]" in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_takes_timm_and_yolo_names(tmp_path):
+    pytest.importorskip("timm")
+    pytest.importorskip("ultralytics")
+    out = run("demo", "timm:mobilenetv3_small_050", "--models", "yolo:yolov8n",
+              "--repeats", "2", "--threads", "1", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    table = out.stdout.strip().splitlines()[-2:]
+    assert table[0].split()[:3] == ["timm:mobilenetv3_small_050", "34", "0"]
+    assert table[1].split()[:3] == ["yolo:yolov8n", "57", "0"]
+
+
+def test_demo_names_a_missing_timm_model(tmp_path):
+    pytest.importorskip("timm")
+    out = run("demo", "timm:no_such_net", cwd=tmp_path)
+    assert out.returncode == 2 and "timm has no model 'no_such_net'" in out.stderr
