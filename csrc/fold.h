@@ -209,6 +209,44 @@ const char *fusion_field_str(fusion_field field);
 /* A short English message for a status code. */
 const char *fusion_status_str(fusion_status status);
 
+/* Instruction-set paths of the weight kernels (x86-64 only; elsewhere only
+ * the baseline exists). Every path computes bit-identical results: the same
+ * float64 product of each weight and its scale, rounded once to the weight's
+ * dtype; float64 weights and every bias stay in the portable long double
+ * code on every path. Only contiguous runs (stride 1) of float32, float16
+ * and bfloat16 weights, and the check pass's reads of every dtype, use the
+ * vector code.
+ *
+ *   FUSION_ISA_AUTO      the best path this CPU has
+ *   FUSION_ISA_BASELINE  portable C
+ *   FUSION_ISA_AVX2      AVX2 with F16C
+ *   FUSION_ISA_AVX512    AVX-512 F and BW
+ *
+ * The path is chosen once, on first use: the environment variable
+ * FUSION_ISA (baseline, avx2, avx512 or auto) asks for one; a path the CPU
+ * lacks falls back to the best one below it. */
+typedef enum {
+    FUSION_ISA_AUTO = 0,
+    FUSION_ISA_BASELINE = 1,
+    FUSION_ISA_AVX2 = 2,
+    FUSION_ISA_AVX512 = 3
+} fusion_isa;
+
+/* 1 when this CPU (and build) can run isa; AUTO and BASELINE always can. */
+int fusion_isa_supported(fusion_isa isa);
+
+/* Forces the path of every later fold (for tests and benchmarks); AUTO
+ * selects the best one. Returns FUSION_E_ARG, changing nothing, for an
+ * unknown or unsupported path. Do not call it while a fold runs on another
+ * thread: that fold may then use either path (with identical results). */
+fusion_status fusion_set_isa(fusion_isa isa);
+
+/* The path in use (never AUTO), choosing it first if nothing has yet. */
+fusion_isa fusion_get_isa(void);
+
+/* "auto", "baseline", "avx2", "avx512"; "" for an unknown value. */
+const char *fusion_isa_str(fusion_isa isa);
+
 #ifdef __cplusplus
 }
 #endif

@@ -12,10 +12,17 @@
  * The precision criterion is DESIGN.md's: at least 99.9% of the fused values
  * of each dtype identical to that reference, and every one within 1 ULP.
  *
+ * The fold tests run on every instruction-set path the CPU has (fold.h's
+ * fusion_set_isa), the baseline included, and the isa tests compare every
+ * path's bytes with the baseline's: float16 and bfloat16 exhaustively over
+ * their encodings, at every rounding midpoint, and where rounding through
+ * float32 would go wrong.
+ *
  * Tests print nothing when they pass, except the per-dtype precision
- * summary. The binary ends with one line, "N passed, M failed", and exits
- * non-zero when M > 0. An optional argument is the seed of the random cases;
- * FOLD_TEST_MESSAGES=n raises the number of failure messages shown (40).
+ * summary and the isa summary. The binary ends with one line, "N passed, M
+ * failed", and exits non-zero when M > 0. An optional argument is the seed of
+ * the random cases; FOLD_TEST_MESSAGES=n raises the number of failure messages
+ * shown (40).
  */
 #include "fold.h"
 
@@ -55,6 +62,7 @@ precision_asserted(fusion_dtype dt)
 }
 static const char *g_test;
 static char g_context[256];
+static const char *g_isa_name = ""; /* the instruction-set path under test */
 
 static void
 check_failed(const char *file, int line, const char *cond, const char *fmt,
@@ -65,8 +73,9 @@ check_failed(const char *file, int line, const char *cond, const char *fmt,
     if (++g_messages > g_max_messages) {
         return;
     }
-    fprintf(stderr, "FAIL %s%s%s (%s:%d): %s: ", g_test,
-            g_context[0] ? " " : "", g_context, file, line, cond);
+    fprintf(stderr, "FAIL %s%s%s%s%s (%s:%d): %s: ", g_isa_name,
+            g_isa_name[0] ? ": " : "", g_test, g_context[0] ? " " : "",
+            g_context, file, line, cond);
     va_list ap;
     va_start(ap, fmt);
     vfprintf(stderr, fmt, ap);
@@ -2060,6 +2069,436 @@ test_known_answers(void)
     }
 }
 
+/* ------------------------------------------------------------------------ */
+/* Instruction-set paths: every path bit-identical to the baseline.         */
+
+static const fusion_isa ALL_ISAS[3] = {FUSION_ISA_BASELINE, FUSION_ISA_AVX2,
+                                       FUSION_ISA_AVX512};
+
+typedef struct {
+    fusion_status st;
+    fusion_where where;
+    unsigned char *w; /* the weight after the fold (or untouched) */
+} isa_result;
+
+/* One contiguous fold [rows, cols] of dtype wdt, norm after, axis 0, with
+ * scale gamma[r] for row r (float64 statistics: mean 0, var 1, eps 0, so
+ * that the scale is gamma exactly), run on the current path. Writes the
+ * folded weight into out->w (rows * cols elements) and the float64 biases
+ * into bias (rows). */
+static void
+isa_fold(fusion_dtype wdt, int64_t rows, int64_t cols, const void *w_in,
+         const double *gamma, isa_result *out, double *bias)
+{
+    size_t es = esize(wdt);
+    int64_t n = rows * cols;
+    memcpy(out->w, w_in, (size_t)n * es);
+    double *stats = xcalloc((size_t)(3 * rows), sizeof(double));
+    double *mean = stats, *var = stats + rows, *scale = stats + 2 * rows;
+    for (int64_t r = 0; r < rows; r++) {
+        var[r] = 1.0;
+    }
+    fusion_view vec = {0};
+    vec.dtype = FUSION_DTYPE_F64;
+    vec.ndim = 1;
+    vec.sizes[0] = rows;
+    vec.strides[0] = 1;
+    vec.lo = 0;
+    vec.hi = rows;
+    fusion_norm norm;
+    memset(&norm, 0, sizeof norm);
+    norm.mean = vec;
+    norm.mean.data = mean;
+    norm.var = vec;
+    norm.var.data = var;
+    norm.weight = vec;
+    norm.weight.data = (void *)gamma;
+    norm.eps = 0.0;
+    fusion_fold f;
+    memset(&f, 0, sizeof f);
+    f.weight.data = out->w;
+    f.weight.dtype = wdt;
+    f.weight.ndim = 2;
+    f.weight.sizes[0] = rows;
+    f.weight.sizes[1] = cols;
+    f.weight.strides[0] = cols;
+    f.weight.strides[1] = 1;
+    f.weight.lo = 0;
+    f.weight.hi = n;
+    f.bias_out = vec;
+    f.bias_out.data = bias;
+    f.direction = FUSION_NORM_AFTER;
+    f.map = FUSION_AXIS0;
+    f.groups = 1;
+    f.norm = &norm;
+    f.scale = scale;
+    memset(bias, 0, (size_t)rows * sizeof(double));
+    double *new_bias = xcalloc((size_t)rows, sizeof(double));
+    memset(&out->where, 0, sizeof out->where);
+    out->st = fusion_norm_affine(&norm, FUSION_PART_NORM, rows, scale, NULL,
+                                 &out->where);
+    if (out->st == FUSION_OK) {
+        out->st = fusion_fold_check(&f, new_bias, &out->where);
+    }
+    if (out->st == FUSION_OK) {
+        fusion_fold_apply(&f, new_bias);
+    }
+    free(new_bias);
+    free(stats);
+}
+
+/* Runs the fold on every path this CPU has; every one must give the
+ * baseline's status, where and bytes. Returns the number of paths run. */
+static int
+isa_compare(const char *what, fusion_dtype wdt, int64_t rows, int64_t cols,
+            const void *w_in, const double *gamma, fusion_status *st_out,
+            void *w_out)
+{
+    size_t bytes = (size_t)(rows * cols) * esize(wdt);
+    isa_result base, got;
+    base.w = xcalloc(bytes ? bytes : 1, 1);
+    got.w = xcalloc(bytes ? bytes : 1, 1);
+    double *bias0 = xcalloc((size_t)rows, sizeof(double));
+    double *bias1 = xcalloc((size_t)rows, sizeof(double));
+    int paths = 0;
+    CHECK(fusion_set_isa(FUSION_ISA_BASELINE) == FUSION_OK, "baseline");
+    isa_fold(wdt, rows, cols, w_in, gamma, &base, bias0);
+    for (int k = 1; k < 3; k++) {
+        if (!fusion_isa_supported(ALL_ISAS[k])) {
+            continue;
+        }
+        paths++;
+        fusion_set_isa(ALL_ISAS[k]);
+        isa_fold(wdt, rows, cols, w_in, gamma, &got, bias1);
+        const char *name = fusion_isa_str(ALL_ISAS[k]);
+        CHECK(got.st == base.st, "%s %s: status %s, baseline %s", what, name,
+              fusion_status_str(got.st), fusion_status_str(base.st));
+        CHECK(got.where.part == base.where.part &&
+                  got.where.field == base.where.field &&
+                  got.where.index == base.where.index &&
+                  memcmp(&got.where.value, &base.where.value,
+                         sizeof(double)) == 0,
+              "%s %s: where %" PRId64 " (%g), baseline %" PRId64 " (%g)", what,
+              name, got.where.index, got.where.value, base.where.index,
+              base.where.value);
+        int64_t first = -1, count = 0;
+        size_t es = esize(wdt);
+        for (int64_t i = 0; i < rows * cols; i++) {
+            if (memcmp(got.w + i * (int64_t)es, base.w + i * (int64_t)es,
+                       es) != 0) {
+                count++;
+                first = first < 0 ? i : first;
+            }
+        }
+        CHECK(count == 0,
+              "%s %s: %" PRId64 " weights differ from the baseline, first "
+              "[%" PRId64 "]: 0x%" PRIx64 " vs 0x%" PRIx64,
+              what, name, count, first,
+              first >= 0 ? read_bits(got.w + first * (int64_t)es, wdt) : 0,
+              first >= 0 ? read_bits(base.w + first * (int64_t)es, wdt) : 0);
+        CHECK(memcmp(bias0, bias1, (size_t)rows * sizeof(double)) == 0,
+              "%s %s: biases differ", what, name);
+    }
+    fusion_set_isa(FUSION_ISA_AUTO);
+    if (st_out != NULL) {
+        *st_out = base.st;
+    }
+    if (w_out != NULL) {
+        memcpy(w_out, base.w, bytes);
+    }
+    free(base.w);
+    free(got.w);
+    free(bias0);
+    free(bias1);
+    return paths;
+}
+
+static int64_t g_isa_values; /* values compared across paths */
+static int64_t g_isa_naive;  /* of those, where a naive path would differ */
+
+/* x rounded twice, to float32 and then to nearest even in dt: what a
+ * vector path that converted through float32 would store. */
+static uint64_t
+naive_bits(fusion_dtype dt, double x)
+{
+    /* fusion_store's rounding of a double is proven exhaustively above. */
+    return store_bits(dt, (double)(float)x);
+}
+
+/* Counts the products of a finished fold where rounding through float32
+ * would have given another value than the (baseline's) correct one. */
+static void
+count_naive(fusion_dtype dt, int64_t rows, int64_t cols, const void *w_in,
+            const double *gamma, const void *w_out)
+{
+    size_t es = esize(dt);
+    for (int64_t i = 0; i < rows * cols; i++) {
+        double x =
+            fusion_load((const unsigned char *)w_in + i * (int64_t)es, dt) *
+            gamma[i / cols];
+        uint64_t good =
+            read_bits((const unsigned char *)w_out + i * (int64_t)es, dt);
+        g_isa_naive += naive_bits(dt, x) != good;
+    }
+    g_isa_values += rows * cols;
+}
+
+/* Every finite encoding of float16 or bfloat16 as a weight, times scales
+ * that make ties, values next to ties (by one float64 ulp, and by amounts
+ * below float32's resolution, where rounding through float32 goes wrong),
+ * subnormal results and results near overflow, and random ones. Products
+ * that would overflow are left out of a scale's row (the check refuses
+ * them; see test_isa_check). */
+static void
+test_isa_exhaustive16(void)
+{
+    static const double base[] = {
+        1.0,
+        1.0 + 0x1p-11,
+        1.0 + 0x1p-11 + 0x1p-30,
+        1.0 + 0x1p-11 - 0x1p-30,
+        1.0 + 0x1p-11 + 0x1p-52,
+        1.0 + 0x1p-11 - 0x1p-53,
+        1.0 + 0x1p-8,
+        1.0 + 0x1p-8 + 0x1p-27,
+        1.0 + 0x1p-8 - 0x1p-27,
+        1.0 - 0x1p-12,
+        1.0 + 3 * 0x1p-12 + 0x1p-40,
+        1.5,
+        0.75 - 0x1p-35,
+        -1.0 - 0x1p-9 - 0x1p-31,
+    };
+    static const int shifts[] = {0,    -5,   -10,  -14,  -20, -24, -25, -30,
+                                 -120, -126, -133, -140, 1,   15,  100};
+    const size_t nb = sizeof base / sizeof base[0];
+    const size_t ns = sizeof shifts / sizeof shifts[0];
+    for (int di = 0; di < 2; di++) {
+        fusion_dtype dt = di == 0 ? FUSION_DTYPE_F16 : FUSION_DTYPE_BF16;
+        uint16_t top = dt == FUSION_DTYPE_F16 ? 0x7BFF : 0x7F7F;
+        uint16_t *all = xcalloc(65536, 2), *row = xcalloc(65536, 2);
+        uint16_t *out = xcalloc(65536, 2);
+        int64_t finite = 0;
+        for (uint32_t b = 0; b <= 0xFFFF; b++) {
+            if ((b & 0x7FFF) <= top) {
+                all[finite++] = (uint16_t)b;
+            }
+        }
+        int64_t before_naive = g_isa_naive;
+        for (size_t k = 0; k < nb * ns + 12; k++) {
+            double s = k < nb * ns
+                           ? ldexp(base[k % nb], shifts[k / nb])
+                           : ldexp(1.0 + rng_unit(), (int)rng_int(-30, 10)) *
+                                 (rng_int(0, 1) ? 1 : -1);
+            int64_t n = 0;
+            for (int64_t i = 0; i < finite; i++) {
+                double x = fusion_load(&all[i], dt) * s;
+                if (fusion_fits(x, dt)) {
+                    row[n++] = all[i];
+                }
+            }
+            snprintf(g_context, sizeof g_context, "%s scale %a",
+                     dtype_name(dt), s);
+            fusion_status st;
+            isa_compare("exhaustive", dt, 1, n, row, &s, &st, out);
+            CHECK(st == FUSION_OK, "status %s", fusion_status_str(st));
+            count_naive(dt, 1, n, row, &s, out);
+        }
+        CHECK(g_isa_naive > before_naive,
+              "%s: no product where rounding through float32 differs: the "
+              "test cannot tell a double rounding",
+              dtype_name(dt));
+        free(all);
+        free(row);
+        free(out);
+    }
+    g_context[0] = '\0';
+}
+
+/* Products at and next to every rounding midpoint of float16 and bfloat16,
+ * subnormal ones included: row r has the scale d_r (a midpoint, moved by
+ * nothing, one float64 ulp, or a few units of float32's last place, up or
+ * down), and weights +-2^-j, so that its products are d_r exactly, scaled
+ * by powers of two. */
+static void
+test_isa_midpoints(void)
+{
+    static const double moves[] = {0.0,      0x1p-52,  -0x1p-52,
+                                   0x1p-26,  -0x1p-26, 0x1p-24,
+                                   -0x1p-24, 0x1p-23,  -0x1p-23};
+    const int nm = (int)(sizeof moves / sizeof moves[0]);
+    const int64_t cols = 37; /* two 16-wide vectors, a tail */
+    for (int di = 0; di < 2; di++) {
+        fusion_dtype dt = di == 0 ? FUSION_DTYPE_F16 : FUSION_DTYPE_BF16;
+        uint16_t top = dt == FUSION_DTYPE_F16 ? 0x7BFF : 0x7F7F;
+        int64_t rows = (int64_t)top * nm;
+        double *gamma = xcalloc((size_t)rows, sizeof(double));
+        uint16_t *w = xcalloc((size_t)(rows * cols), 2);
+        uint16_t *out = xcalloc((size_t)(rows * cols), 2);
+        for (uint16_t b = 0; b < top; b++) {
+            double v0 = ref_decode(dt, b), v1 = ref_decode(dt, b + 1);
+            double mid = v0 + (v1 - v0) / 2;
+            for (int m = 0; m < nm; m++) {
+                double d = mid + moves[m] * mid;
+                if (m == 1 || m == 2) {
+                    d = nextafter(mid, moves[m] > 0 ? INFINITY : 0.0);
+                }
+                gamma[(int64_t)b * nm + m] = (b & 1) ? -d : d;
+            }
+        }
+        for (int64_t j = 0; j < cols; j++) {
+            double x = ldexp(1.0, -(int)(j % 12));
+            write_bits(&w[j], dt, bits_of_double(dt, (j & 1) ? -x : x));
+        }
+        for (int64_t r = 1; r < rows; r++) {
+            memcpy(&w[r * cols], w, (size_t)cols * 2);
+        }
+        snprintf(g_context, sizeof g_context, "%s", dtype_name(dt));
+        fusion_status st;
+        isa_compare("midpoints", dt, rows, cols, w, gamma, &st, out);
+        CHECK(st == FUSION_OK, "status %s", fusion_status_str(st));
+        count_naive(dt, rows, cols, w, gamma, out);
+        /* The fold's values are the independent reference's too. */
+        int64_t bad = 0;
+        for (int64_t i = 0; i < rows * cols; i += 97) {
+            double x = fusion_load(&w[i], dt) * gamma[i / cols];
+            bad += read_bits(&out[i], dt) != ref_round(dt, (quad)x);
+        }
+        CHECK(bad == 0, "%" PRId64 " values differ from the reference", bad);
+        free(gamma);
+        free(w);
+        free(out);
+    }
+    g_context[0] = '\0';
+}
+
+/* float32 weights: random encodings at every exponent, times random scales
+ * and scales that put products at float32 midpoints. */
+static void
+test_isa_f32(void)
+{
+    const int64_t rows = 512, cols = 263;
+    uint32_t *w = xcalloc((size_t)(rows * cols), 4);
+    double *gamma = xcalloc((size_t)rows, sizeof(double));
+    for (int64_t r = 0; r < rows; r++) {
+        gamma[r] = r % 3 == 0 ? 1.0 + 0x1p-24 + (r % 2 ? 0x1p-50 : -0x1p-51)
+                              : ldexp(1.0 + rng_unit(), (int)rng_int(-40, 8));
+        int e = (int)rng_int(-149, 100);
+        for (int64_t j = 0; j < cols; j++) {
+            uint32_t u = (uint32_t)rng_next();
+            u = (u & 0x807FFFFFu) |
+                ((uint32_t)((e + (int)(j % 20) + 127) & 0xFF) << 23);
+            float f;
+            memcpy(&f, &u, 4);
+            if (!isfinite(f) ||
+                !fusion_fits((double)f * gamma[r], FUSION_DTYPE_F32)) {
+                u = 0x3F800000u;
+            }
+            w[r * cols + j] = u;
+        }
+    }
+    fusion_status st;
+    isa_compare("f32", FUSION_DTYPE_F32, rows, cols, w, gamma, &st, NULL);
+    CHECK(st == FUSION_OK, "status %s", fusion_status_str(st));
+    g_isa_values += rows * cols;
+    free(w);
+    free(gamma);
+}
+
+/* The check pass on every path: a NaN or infinity, or an overflowing
+ * product, anywhere in long contiguous rows (first, last, in a vector, in
+ * a tail, two of them) is reported with the same status, index and value;
+ * float64 weights included. */
+static void
+test_isa_check(void)
+{
+    const int64_t rows = 6, cols = 301;
+    for (int di = 0; di < 4; di++) {
+        fusion_dtype dt = ALL_DTYPES[di];
+        size_t es = esize(dt);
+        unsigned char *w = xcalloc((size_t)(rows * cols), es);
+        double gamma[6];
+        for (int trial = 0; trial < 60; trial++) {
+            for (int64_t r = 0; r < rows; r++) {
+                gamma[r] = random_value(FUSION_DTYPE_F32, 1.0);
+                for (int64_t j = 0; j < cols; j++) {
+                    write_bits(w + (r * cols + j) * (int64_t)es, dt,
+                               bits_of_double(dt, random_value(dt, 1.0)));
+                }
+            }
+            int64_t at = trial < 6
+                             ? (int64_t[]){0,   cols - 1,        31,
+                                           290, rows * cols - 1, 64}[trial]
+                             : rng_int(0, rows * cols - 1);
+            int kind = trial % 4;
+            if (kind == 0 || kind == 1) {
+                double bad =
+                    kind == 0 ? NAN : (trial & 8 ? -INFINITY : INFINITY);
+                write_bits(w + at * (int64_t)es, dt, bits_of_double(dt, bad));
+                if (trial & 16) {
+                    write_bits(w + rng_int(0, rows * cols - 1) * (int64_t)es,
+                               dt, bits_of_double(dt, NAN));
+                }
+            }
+            else if (kind == 2) {
+                /* The largest finite value times 1 + 2^-7 overflows. */
+                uint64_t max = dt == FUSION_DTYPE_F16    ? 0x7BFF
+                               : dt == FUSION_DTYPE_BF16 ? 0x7F7F
+                               : dt == FUSION_DTYPE_F32
+                                   ? 0x7F7FFFFFu
+                                   : 0x7FEFFFFFFFFFFFFFull;
+                write_bits(w + at * (int64_t)es, dt, max);
+                gamma[at / cols] = 1.0 + 0x1p-7;
+            }
+            snprintf(g_context, sizeof g_context, "%s trial %d at %" PRId64,
+                     dtype_name(dt), trial, at);
+            fusion_status st;
+            isa_compare("check", dt, rows, cols, w, gamma, &st, NULL);
+            CHECK(kind == 3 || st != FUSION_OK, "a bad weight passed");
+        }
+        free(w);
+    }
+    g_context[0] = '\0';
+}
+
+static void
+test_isa_api(void)
+{
+    fusion_isa was = fusion_get_isa();
+    CHECK(was != FUSION_ISA_AUTO && fusion_isa_supported(was),
+          "the chosen path %d", (int)was);
+    CHECK(fusion_set_isa((fusion_isa)7) == FUSION_E_ARG, "unknown path");
+    CHECK(fusion_get_isa() == was, "a refused path changed the path");
+    for (int k = 0; k < 3; k++) {
+        fusion_isa isa = ALL_ISAS[k];
+        fusion_status st = fusion_set_isa(isa);
+        CHECK(st == (fusion_isa_supported(isa) ? FUSION_OK : FUSION_E_ARG),
+              "set %s", fusion_isa_str(isa));
+        CHECK(st != FUSION_OK || fusion_get_isa() == isa, "get %s",
+              fusion_isa_str(isa));
+    }
+    CHECK(fusion_set_isa(FUSION_ISA_AUTO) == FUSION_OK, "auto");
+    CHECK(fusion_isa_supported(FUSION_ISA_BASELINE), "baseline");
+    CHECK(strcmp(fusion_isa_str(FUSION_ISA_AVX512), "avx512") == 0, "str");
+    CHECK(strcmp(fusion_isa_str((fusion_isa)9), "") == 0, "str(9)");
+    fusion_set_isa(was);
+}
+
+static void
+test_isa_summary(void)
+{
+    int paths = 0;
+    for (int k = 0; k < 3; k++) {
+        paths += fusion_isa_supported(ALL_ISAS[k]);
+    }
+    printf("isa paths: baseline%s%s; %" PRId64 " fused values bit-identical "
+           "on every path, %" PRId64 " of them where rounding through "
+           "float32 would differ\n",
+           fusion_isa_supported(FUSION_ISA_AVX2) ? ", avx2" : "",
+           fusion_isa_supported(FUSION_ISA_AVX512) ? ", avx512" : "",
+           g_isa_values, g_isa_naive);
+    CHECK(paths >= 1, "no path");
+}
+
 int
 main(int argc, char **argv)
 {
@@ -2077,19 +2516,35 @@ main(int argc, char **argv)
     run("subnormals", test_subnormals_and_tiny);
     run("store random", test_store_random);
     run("dtype basics", test_dtype_basics);
-    run("known answers", test_known_answers);
-    test_fold_sweep();
-    run("fold large", test_fold_large);
+    /* The fold tests on every instruction-set path this CPU has, the
+     * baseline first; the precision tallies cover them all. */
+    for (int k = 0; k < 3; k++) {
+        if (fusion_set_isa(ALL_ISAS[k]) != FUSION_OK) {
+            continue;
+        }
+        g_isa_name = fusion_isa_str(ALL_ISAS[k]);
+        run("known answers", test_known_answers);
+        test_fold_sweep();
+        run("fold large", test_fold_large);
+        run("nonfinite", test_nonfinite);
+        run("variance", test_variance);
+        run("overflow", test_overflow);
+        run("shapes and arguments", test_shapes_and_arguments);
+        run("bounds", test_bounds);
+        run("degenerate views", test_degenerate_views);
+        run("overlapping views", test_overlapping_views);
+        run("negative strides", test_negative_strides);
+        run("f64 overflow edge", test_f64_overflow_edge);
+    }
+    fusion_set_isa(FUSION_ISA_AUTO);
+    g_isa_name = "";
     run("precision criterion", test_precision_criterion);
-    run("nonfinite", test_nonfinite);
-    run("variance", test_variance);
-    run("overflow", test_overflow);
-    run("shapes and arguments", test_shapes_and_arguments);
-    run("bounds", test_bounds);
-    run("degenerate views", test_degenerate_views);
-    run("overlapping views", test_overlapping_views);
-    run("negative strides", test_negative_strides);
-    run("f64 overflow edge", test_f64_overflow_edge);
+    run("isa api", test_isa_api);
+    run("isa exhaustive 16-bit", test_isa_exhaustive16);
+    run("isa midpoints", test_isa_midpoints);
+    run("isa f32", test_isa_f32);
+    run("isa check pass", test_isa_check);
+    run("isa summary", test_isa_summary);
     printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed == 0 ? 0 : 1;
 }

@@ -25,6 +25,9 @@
  *     is allowed. This is stricter than DESIGN.md's "within 1 ULP": a
  *     fold that truncated instead of rounding would pass that one.
  *   - Nothing outside the written views changes, nothing read-only changes.
+ *   - Every instruction-set path the CPU has (fold.h's fusion_set_isa), run
+ *     on the same input after the baseline, passes all of the above and
+ *     reports and writes exactly what the baseline did, to the bit.
  *
  * Every view is its own allocation of exactly its declared [lo, hi) range,
  * so AddressSanitizer catches any access outside it. Anything unexpected
@@ -1062,7 +1065,7 @@ unchanged_all(const fold_input *in)
  * failure names a part of the fold. */
 static int
 run_core(fold_input *in, double *scale, double *shift, double *post_scale,
-         double *post_shift, double *new_bias)
+         double *post_shift, double *new_bias, fusion_where *where_out)
 {
     fusion_where where = {FUSION_PART_NONE, FUSION_FIELD_NONE, -1, 0.0};
     fusion_fold *fold = &in->fold;
@@ -1093,8 +1096,83 @@ run_core(fold_input *in, double *scale, double *shift, double *post_scale,
         st != FUSION_E_ARG) {
         fail("a failed check names no part of the fold");
     }
+    *where_out = where;
     return (int)st;
 }
+
+/* Puts every tensor back as fold_make() filled it (the snapshot), so that
+ * the next instruction-set path folds the same input. */
+static void
+restore_all(fold_input *in)
+{
+    for (int i = 0; i < T_COUNT; i++) {
+        tensor *t = &in->t[i];
+        if (t->present) {
+            memcpy(t->alloc, t->snapshot,
+                   (size_t)t->alloc_numel * esize(t->v.dtype));
+        }
+    }
+}
+
+/* What one path did: its status, where, and the written storage. */
+typedef struct {
+    int st;
+    fusion_where where;
+    unsigned char *w, *b;
+    size_t w_bytes, b_bytes;
+} path_result;
+
+static void
+path_record(const fold_input *in, int st, const fusion_where *where,
+            path_result *r)
+{
+    const tensor *w = &in->t[T_W];
+    const tensor *bo = in->aliased ? &in->t[T_BIAS_IN] : &in->t[T_BIAS_OUT];
+    r->st = st;
+    r->where = *where;
+    r->w_bytes = (size_t)w->alloc_numel * esize(w->v.dtype);
+    r->b_bytes = (size_t)bo->alloc_numel * esize(bo->v.dtype);
+    r->w = malloc(r->w_bytes ? r->w_bytes : 1);
+    r->b = malloc(r->b_bytes ? r->b_bytes : 1);
+    if (r->w == NULL || r->b == NULL) {
+        fail("out of memory");
+    }
+    memcpy(r->w, w->alloc, r->w_bytes);
+    memcpy(r->b, bo->alloc, r->b_bytes);
+}
+
+/* Every path must do exactly what the baseline did, to the bit. */
+static void
+path_compare(const path_result *base, const path_result *got, fusion_isa isa)
+{
+    if (got->st != base->st || got->where.part != base->where.part ||
+        got->where.field != base->where.field ||
+        got->where.index != base->where.index ||
+        memcmp(&got->where.value, &base->where.value, sizeof(double)) != 0) {
+        fprintf(stderr,
+                "%s: status %d at %lld (%g), baseline %d at %lld (%g)\n",
+                fusion_isa_str(isa), got->st, (long long)got->where.index,
+                got->where.value, base->st, (long long)base->where.index,
+                base->where.value);
+        fail("an instruction-set path reports otherwise than the baseline");
+    }
+    if (memcmp(got->w, base->w, base->w_bytes) != 0 ||
+        memcmp(got->b, base->b, base->b_bytes) != 0) {
+        fprintf(stderr, "%s\n", fusion_isa_str(isa));
+        fail("an instruction-set path writes other bits than the baseline");
+    }
+}
+
+static void
+path_free(path_result *r)
+{
+    free(r->w);
+    free(r->b);
+}
+
+static int run_path(fold_input *in, const verdict *v, const exact_fold *e,
+                    double *arrays, int64_t nc, int64_t no,
+                    fusion_where *where);
 
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -1112,11 +1190,50 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (arrays == NULL) {
         fail("out of memory");
     }
-    double *scale = arrays, *shift = scale + nc, *post_scale = shift + nc;
-    double *post_shift = post_scale + no, *new_bias = post_shift + no;
 
     snapshot_all(&in);
-    int st = run_core(&in, scale, shift, post_scale, post_shift, new_bias);
+    /* The baseline, then every vector path this CPU has, each on the same
+     * input, each judged by the oracle and compared bit by bit with the
+     * baseline. */
+    static const fusion_isa paths[3] = {FUSION_ISA_BASELINE, FUSION_ISA_AVX2,
+                                        FUSION_ISA_AVX512};
+    path_result base = {0};
+    for (int k = 0; k < 3; k++) {
+        if (fusion_set_isa(paths[k]) != FUSION_OK) {
+            continue;
+        }
+        restore_all(&in);
+        fusion_where where;
+        int st = run_path(&in, &v, &e, arrays, nc, no, &where);
+        path_result got;
+        path_record(&in, st, &where, &got);
+        if (k == 0) {
+            base = got;
+        }
+        else {
+            path_compare(&base, &got, paths[k]);
+            path_free(&got);
+        }
+    }
+    path_free(&base);
+    free(arrays);
+    exact_free(&e);
+    fold_free(&in);
+    return 0;
+}
+
+/* One run of the core on the current path, judged by the oracle. */
+static int
+run_path(fold_input *in_, const verdict *v_, const exact_fold *e_,
+         double *arrays, int64_t nc, int64_t no, fusion_where *where)
+{
+    fold_input in = *in_; /* shallow: the tensors share their storage */
+    verdict v = *v_;
+    const exact_fold e = *e_;
+    double *scale = arrays, *shift = scale + nc, *post_scale = shift + nc;
+    double *post_shift = post_scale + no, *new_bias = post_shift + no;
+    int st =
+        run_core(&in, scale, shift, post_scale, post_shift, new_bias, where);
     if (!unchanged_all(&in)) {
         fail("the check phase wrote a tensor");
     }
@@ -1154,8 +1271,5 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fail(v.must ? "the check failed, not for a reason that holds"
                     : "the check failed a good fold");
     }
-    free(arrays);
-    exact_free(&e);
-    fold_free(&in);
-    return 0;
+    return st;
 }
