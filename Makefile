@@ -65,7 +65,7 @@ export YOLO_CONFIG_DIR := $(CURDIR)/build/yolo-config
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-oldest deps deps-browser deps-tools extras extras-oldest venv venv-oldest install install-oldest test \
-        test-python test-models test-c test-oldest test-ids demo bench bench-full fuzz \
+        test-python test-models test-c test-oldest test-ids demo bench bench-fold bench-full fuzz \
         test-sanitize test-sanitize-oldest valgrind lint format clean
 
 setup: install
@@ -143,9 +143,15 @@ demo: install
 # The whole quick run on the current torch, after fuse() time and latency on the
 # oldest (the two that differ notably between them), shown side by side.
 BENCH_OLDEST := benchmarks/results/raw/oldest
-bench: install install-oldest
+bench: install install-oldest bench-fold
 	$(PY_OLDEST) benchmarks/run.py --quick --only fuse_time latency --raw $(BENCH_OLDEST) --no-report
 	$(PY) benchmarks/run.py --quick --oldest-raw $(BENCH_OLDEST)
+
+# The C core's fold per dtype and instruction-set path against a read and a
+# memcpy of the same bytes (benchmarks/results/fold_isa.md is one such run).
+bench-fold:
+	@mkdir -p benchmarks/results/raw
+	OPENMP=1 bash benchmarks/fold_speed.sh | tee benchmarks/results/raw/fold_isa.md
 
 bench-full: install
 	$(PY) benchmarks/run.py --full
