@@ -160,3 +160,28 @@ def test_a_passthrough_with_a_hook_is_in_the_way():
     model[1].register_forward_hook(lambda m, i, o: o * 2)
     _, report = run(model, torch.randn(2, 3, 8, 8))
     assert left(report) == {"2": "not_after_producer"}
+
+
+def test_verification_of_a_view_fold_works_on_the_features():
+    """The diagnosis and the layer check apply the norm to the Linear's last
+    dim, not dim 1 of its 3-D output."""
+    from fusion import FusionError
+
+    model = calibrate(LinearNorm(), shape=(2, 5, 6))
+    with pytest.raises(FusionError) as info:  # an impossible tolerance: the diagnosis runs
+        fuse(model, example_inputs=(torch.randn(2, 5, 6),), rtol=1e-30)
+    assert info.value.code == "verify" and "linear" in str(info.value)
+
+    class ZeroOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = LinearNorm(), nn.Linear(8, 2)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = calibrate(ZeroOut(), shape=(2, 5, 6))
+    _, report = fuse(model, example_inputs=(torch.randn(2, 5, 6),), return_report=True)
+    assert report.verified_by == "layers" and [p.norm for p in report.fused] == ["body.bn"]
