@@ -65,7 +65,7 @@ export YOLO_CONFIG_DIR := $(CURDIR)/build/yolo-config
 PYTEST_ARGS ?=
 
 .PHONY: setup setup-oldest deps deps-browser deps-tools extras extras-oldest venv venv-oldest install install-oldest test \
-        test-python test-models test-c test-oldest test-ids demo bench bench-fold bench-full fuzz \
+        test-python test-models test-c test-oldest test-ids demo bench bench-fold bench-full timm-table bench-reparam fuzz \
         test-sanitize test-sanitize-oldest valgrind lint format clean
 
 setup: install
@@ -155,6 +155,20 @@ bench-fold:
 
 bench-full: install
 	$(PY) benchmarks/run.py --full
+
+# The full timm sweep behind benchmarks/results/timm.md: every timm
+# architecture with a BatchNorm-like module and at most 30M parameters, fused
+# in fp32 and bf16 (about an hour here; it resumes, and --table rewrites the
+# table from the raw results). Not part of CI: make test-models runs one model
+# per family.
+TIMM_SWEEP_ARGS ?=
+timm-table: install
+	nice $(PY) -P benchmarks/timm_sweep.py $(TIMM_SWEEP_ARGS)
+
+# timm's reparameterize_model against fusion on repvgg, mobileone and fastvit
+# (benchmarks/results/reparam.md).
+bench-reparam: install
+	$(PY) -P benchmarks/bench_reparam.py
 
 # --- the oldest supported PyTorch --------------------------------------------
 

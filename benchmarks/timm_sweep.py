@@ -46,19 +46,23 @@ ATTEMPTS = ((128, {}), (128, {"img_size": 128}), (160, {"img_size": 160}), (224,
 
 
 def _load_zoo():
-    """fusion._tools.timm_zoo, from the installed package or this source tree."""
-    try:
+    """fusion._tools.timm_zoo from this source tree (an installed copy is as old
+    as the last `make install`), else from the installed package."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "fusion", "_tools", "timm_zoo.py")
+    if not os.path.exists(path):
         from fusion._tools import timm_zoo
         return timm_zoo
-    except ImportError:
-        import importlib.util
+    import fusion._tools  # noqa: F401  (its parent, installed)
 
-        path = os.path.join(ROOT, "fusion", "_tools", "timm_zoo.py")
-        spec = importlib.util.spec_from_file_location("fusion._tools.timm_zoo", path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    if "fusion._tools.timm_zoo" in sys.modules:
+        return sys.modules["fusion._tools.timm_zoo"]
+    spec = importlib.util.spec_from_file_location("fusion._tools.timm_zoo", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _bn_like(m):
@@ -202,6 +206,83 @@ def run_one(name, max_forward_s):
     return out
 
 
+# What the norms left `not_after_producer` are, found from the data flow of one
+# run (independently of fusion): a TorchDispatchMode carries a tag from each
+# norm's output and each conv/linear output through elementwise activations
+# (relu, hardswish, silu, gelu, ...) and in-place aliases; a conv/linear whose
+# input carries a norm's tag makes that norm "pre-activation" (BN -> act ->
+# conv, or a BatchNormAct2d straight into a conv); a norm whose input carries a
+# conv's tag is "after an activation" (conv -> act -> BN); anything else
+# (after a cat, a residual add, a reshape, a pooling, attention) is "other".
+_ACT_OPS = {"relu", "relu_", "hardtanh", "hardtanh_", "hardswish", "hardswish_", "silu",
+            "silu_", "gelu", "gelu_", "leaky_relu", "leaky_relu_", "elu", "elu_", "mish",
+            "mish_", "sigmoid", "clone", "alias", "detach", "_to_copy", "celu", "selu",
+            "prelu", "_prelu_kernel"}
+
+
+def classify_left(model, x, names):
+    import torch
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from fusion.layers import is_norm_module
+
+    tags = {}  # id(tensor) -> (tensor, ("norm"|"conv", name))
+
+    def tag_of(t):
+        hit = tags.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else None
+
+    class Carry(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            op = str(func).split(".")[1] if str(func).startswith("aten.") else str(func)
+            if op in _ACT_OPS and args and torch.is_tensor(args[0]) and torch.is_tensor(out):
+                t = tag_of(args[0])
+                if t is not None:
+                    tags[id(out)] = (out, t)
+            return out
+
+    kinds = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            def pre(mod, inp, name=name):
+                t = tag_of(inp[0]) if inp and torch.is_tensor(inp[0]) else None
+                if t is not None and t[0] == "norm" and t[1] in names:
+                    kinds[t[1]] = "pre_activation"
+
+            def post(mod, inp, out, name=name):
+                if torch.is_tensor(out):
+                    tags[id(out)] = (out, ("conv", name))
+            handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+        elif is_norm_module(m):
+            def npre(mod, inp, name=name):
+                t = tag_of(inp[0]) if inp and torch.is_tensor(inp[0]) else None
+                if name in names and t is not None and t[0] == "conv":
+                    kinds.setdefault(name, "after_activation")
+
+            def npost(mod, inp, out, name=name):
+                if torch.is_tensor(out):
+                    tags[id(out)] = (out, ("norm", name))
+            handles += [m.register_forward_pre_hook(npre), m.register_forward_hook(npost)]
+    try:
+        with torch.no_grad(), Carry():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: kinds.get(n, "other") for n in names}
+
+
+def classify_one(name, entry):
+    zoo = _load_zoo()
+    model = zoo.build(name, size=entry["size"], **entry.get("build_kwargs", {}))
+    x = zoo.example_input(name, size=entry["size"])
+    names = [n for n, r in entry["fp32"]["left_names"].items() if r == "not_after_producer"]
+    got = classify_left(model, x, set(names))
+    return dict(collections.Counter(got.values()))
+
+
 def worker(max_forward_s, soft_s):
     import torch
     import warnings
@@ -215,7 +296,12 @@ def worker(max_forward_s, soft_s):
             continue
         signal.alarm(soft_s)
         try:
-            res = run_one(name, max_forward_s)
+            if name.startswith("classify "):
+                name = name.split()[1]
+                entry = json.loads(sys.stdin.readline())
+                res = {"name": name, "left_kinds": classify_one(name, entry)}
+            else:
+                res = run_one(name, max_forward_s)
         except _Timeout:
             res = {"name": name, "status": "timeout", "error": f"over {soft_s} s"}
         except Exception as e:  # noqa: BLE001
@@ -240,10 +326,13 @@ class Worker:
                                      stderr=subprocess.DEVNULL, text=True, bufsize=1,
                                      preexec_fn=lambda: os.nice(10))
 
-    def ask(self, name):
+    def ask(self, name, entry=None):
         if self.proc is None or self.proc.poll() is not None:
             self.start()
-        self.proc.stdin.write(name + "\n")
+        if entry is not None:  # classify the norms left not_after_producer
+            self.proc.stdin.write(f"classify {name}\n{json.dumps(entry)}\n")
+        else:
+            self.proc.stdin.write(name + "\n")
         self.proc.stdin.flush()
         deadline = time.time() + self.args.soft_s + 60
         while time.time() < deadline:
@@ -320,8 +409,13 @@ def write_table(raw):
              f"{info.get('torch', '?')}, timm {info.get('timm', '?')}, Python "
              f"{info.get('python', '?')}, 1 thread. Random weights, every BatchNorm given a random "
              f"affine map and running statistics calibrated on random data "
-             f"(`fusion._tools.timm_zoo.build`), batch 2 at 128 px (160 or 224 where the model "
-             f"needs it), `fuse(model, example_inputs=(x,))`, verified.")
+             f"(`fusion._tools.timm_zoo.build`), batch 2 at 128 px (or the first of 128 px with "
+             f"`img_size=128`, 160 px with `img_size=160`, 224 px, 256 px that builds and runs), "
+             f"`fuse(model, example_inputs=(x,))`, verified; bf16: the same model cast to "
+             f"bfloat16, fused and verified on the same input cast.")
+    if info.get("note"):
+        L.append("")
+        L.append(f"Note: {info['note']}")
     L.append("")
     L.append("## Headline")
     L.append("")
@@ -336,10 +430,24 @@ def write_table(raw):
                  f"**{fused_total} ({100 * fused_total / bn_total:.1f}%)** in {pairs_total} "
                  f"(norm, layer) pairs; left: {bn_total - fused_total} "
                  f"({100 * (bn_total - fused_total) / bn_total:.1f}%).")
-    L.append("- left by reason: " + ", ".join(f"`{k}` {v}" for k, v in left.most_common())
-             + (f" (`not_after_producer` is mostly pre-activation norms: BN -> act -> conv)"
-                if left.get("not_after_producer") else ""))
-    L.append(f"- models with every norm folded: {all_folded}; with none folded: {none_folded}.")
+    kinds = collections.Counter()
+    classified = 0
+    for r in ok.values():
+        if "left_kinds" in r:
+            kinds.update(r["left_kinds"])
+            classified += 1
+    with_nap = sum(1 for r in ok.values() if r["fp32"]["left"].get("not_after_producer"))
+    L.append("- left by reason: " + ", ".join(f"`{k}` {v}" for k, v in left.most_common()))
+    if kinds:
+        pre = kinds["pre_activation"]
+        L.append(f"- of the `not_after_producer` norms (classified from the data flow in "
+                 f"{classified} of the {with_nap} models that have them): pre-activation "
+                 f"(BN -> act -> conv, or BatchNormAct2d into a conv) **{pre}**, after an "
+                 f"activation (conv -> act -> BN) {kinds['after_activation']}, other (after a "
+                 f"cat, an add, a reshape, a pooling; a final norm) {kinds['other']}.")
+    none_names = sorted(n for n, r in ok.items() if r["fp32"]["norms_fused"] == 0)
+    L.append(f"- models with every norm folded: {all_folded}; with none folded: {none_folded}"
+             + (f" ({', '.join(none_names)})" if none_names else "") + ".")
     if errs:
         L.append(f"- fp32 rel_err: median {errs[len(errs) // 2]:.1e}, max {errs[-1]:.1e}; "
                  f"rel_err / tolerance: median {ratio[len(ratio) // 2]:.2f}, max {ratio[-1]:.2f}.")
@@ -358,12 +466,17 @@ def write_table(raw):
         L.append(f"| not reached (time) | {len(not_run)} | {', '.join(not_run[:40])}"
                  f"{' ...' if len(not_run) > 40 else ''} |")
     L.append("")
-    errors = {n: r.get("error", "") for n, r in models.items() if r.get("status") != "ok"}
+    errors = {}
+    for n, r in models.items():
+        if r.get("status") == "slow":
+            errors[n] = f"one forward took {r.get('forward_s', 0):.1f} s at {r.get('size')} px"
+        elif r.get("status") != "ok":
+            errors[n] = r.get("error") or r.get("fp32", {}).get("error", "")
     if errors:
         L.append("<details><summary>errors of the skipped runs</summary>")
         L.append("")
         for n, e in sorted(errors.items()):
-            L.append(f"- `{n}`: {str(e)[:200]}")
+            L.append(f"- `{n}`: {str(e)[:400]}")
         L.append("")
         L.append("</details>")
         L.append("")
@@ -409,6 +522,25 @@ def machine_info(args):
             "max_forward_s": args.max_forward_s}
 
 
+def classify_all(raw, w, args, start, log):
+    """Which of the norms left not_after_producer are pre-activation (see classify_left)."""
+    todo = [n for n, r in raw["models"].items() if r.get("status") == "ok"
+            and r["fp32"]["left"].get("not_after_producer") and "left_kinds" not in r]
+    todo.sort(key=lambda n: raw["models"][n]["params"])
+    log(f"classifying the not_after_producer norms of {len(todo)} models")
+    for i, name in enumerate(todo):
+        if args.limit_minutes and time.time() - start > 60 * args.limit_minutes:
+            log("time limit reached")
+            break
+        res = w.ask(name, raw["models"][name])
+        if "left_kinds" in res:
+            raw["models"][name]["left_kinds"] = res["left_kinds"]
+        else:
+            raw["models"][name]["left_kinds_error"] = res.get("error")
+        save_raw(raw)
+        log(f"classify {i + 1}/{len(todo)} {name}: {res.get('left_kinds', res.get('error'))}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -420,6 +552,8 @@ def main():
     ap.add_argument("--limit-minutes", type=float, default=None,
                     help="stop starting new models after this long")
     ap.add_argument("--models", default=None, help="comma-separated names (default: all)")
+    ap.add_argument("--classify", action="store_true",
+                    help="only classify the not_after_producer norms of the models run")
     args = ap.parse_args()
     if args.worker:
         worker(args.max_forward_s, args.soft_s)
@@ -436,7 +570,16 @@ def main():
     import timm
 
     torch.set_num_threads(1)
-    raw["machine"] = machine_info(args)
+    raw["machine"] = {**raw.get("machine", {}), **machine_info(args)}
+    if args.classify:
+        w = Worker(args)
+        try:
+            classify_all(raw, w, args, time.time(), log)
+        finally:
+            w.kill()
+            save_raw(raw)
+            write_table(raw)
+        return
     names = args.models.split(",") if args.models else timm.list_models()
     meta_scan(raw, names, log)
     todo = [n for n in names if n not in raw["models"]
@@ -460,6 +603,7 @@ def main():
                 f"{res.get('error', '')[:120] if res.get('error') else ''}")
             if i % 10 == 0:
                 write_table(raw)
+        classify_all(raw, w, args, start, log)
     finally:
         w.kill()
         save_raw(raw)

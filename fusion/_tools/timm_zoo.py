@@ -20,55 +20,63 @@ from torch import nn
 
 from fusion._tools.models import calibrate
 
-__all__ = ["FAMILIES", "SAMPLE", "REPARAM", "build", "input_size", "example_input",
-           "count_norms", "family_of", "timed_check"]
+__all__ = ["FAMILIES", "SAMPLE", "REPARAM", "build", "randomise_frozen", "input_size",
+           "example_input", "count_norms", "family_of", "timed_check"]
 
-#: family -> (the smallest timm model of that family, seconds measured here for
-#: build + calibrate + fuse + the checks of tests/test_timm.py, torch 2.14.1,
-#: 1 thread, on a 2-core Xeon; see ``python -m fusion._tools.timm_zoo --time``).
+#: family -> (the smallest timm model of that family by parameter count,
+#: seconds of its ``test_family`` in tests/test_timm.py: build + calibrate +
+#: fuse (verified) + the checks, the independent data-flow record included).
+#: Measured 2026-12-01 with ``pytest --durations`` on torch 2.14.1, 2 threads,
+#: a 2-core Xeon shared with a second test run and the timm sweep (so about 3x
+#: an idle machine: build + calibrate + fuse alone, idle, totalled 36 s).
+#: Total 486 s. ``python -P fusion/_tools/timm_zoo.py [names]`` re-times the
+#: build + fuse part. Smallest picks of note: res2net50_14w_8s (res2next50 is
+#: smaller by 0.4M but a ResNeXt), cspnext_tiny (cspnet.py's smallest that is
+#: neither cs3darknet nor darknet), tf_efficientnetv2_b0 (smaller than
+#: efficientnetv2_rw_t; it also runs Conv2dSame).
 FAMILIES: "OrderedDict[str, Tuple[str, float]]" = OrderedDict([
-    ("resnet-d", ("resnet10t", 0.0)),
-    ("resnext", ("resnext26ts", 0.0)),
-    ("seresnext", ("seresnext26ts", 0.0)),
-    ("ecaresnet", ("ecaresnet26t", 0.0)),
-    ("res2net", ("res2net50_14w_8s", 0.0)),
-    ("resnest", ("resnest14d", 0.0)),
-    ("sknet", ("skresnet18", 0.0)),
-    ("regnetx", ("regnetx_002", 0.0)),
-    ("regnety", ("regnety_002", 0.0)),
-    ("regnetz", ("regnetz_005", 0.0)),
-    ("efficientnet", ("efficientnet_lite0", 0.0)),
-    ("tf_efficientnet", ("tf_efficientnet_lite0", 0.0)),
-    ("efficientnetv2", ("tf_efficientnetv2_b0", 0.0)),
-    ("mobilenetv2", ("mobilenetv2_035", 0.0)),
-    ("mobilenetv3", ("mobilenetv3_small_050", 0.0)),
-    ("mnasnet", ("mnasnet_small", 0.0)),
-    ("fbnet", ("fbnetc_100", 0.0)),
-    ("mixnet", ("mixnet_s", 0.0)),
-    ("ghostnet", ("ghostnet_050", 0.0)),
-    ("rexnet", ("rexnet_100", 0.0)),
-    ("lcnet", ("lcnet_035", 0.0)),
-    ("hardcorenas", ("hardcorenas_a", 0.0)),
-    ("tinynet", ("tinynet_e", 0.0)),
-    ("cspnet", ("cspnext_tiny", 0.0)),
-    ("cs3darknet", ("cs3darknet_s", 0.0)),
-    ("darknet", ("darknet17", 0.0)),
-    ("dla", ("dla46x_c", 0.0)),
-    ("dpn", ("dpn48b", 0.0)),
-    ("densenet", ("densenet121", 0.0)),
-    ("vovnet", ("ese_vovnet19b_slim_dw", 0.0)),
-    ("hrnet", ("hrnet_w18_small", 0.0)),
-    ("inception_v3", ("inception_v3", 0.0)),
-    ("inception_v4", ("inception_v4", 0.0)),
-    ("xception", ("legacy_xception", 0.0)),
-    ("selecsls", ("selecsls42", 0.0)),
-    ("gernet", ("gernet_s", 0.0)),
-    ("repvgg", ("repvgg_a0", 0.0)),
-    ("mobileone", ("mobileone_s0", 0.0)),
-    ("fastvit", ("fastvit_t8", 0.0)),
-    ("mobilevit", ("mobilevit_xxs", 0.0)),
-    ("efficientformer", ("efficientformer_l1", 0.0)),
-    ("levit", ("levit_128s", 0.0)),
+    ("resnet-d", ("resnet10t", 5.9)),
+    ("resnext", ("resnext26ts", 11.7)),
+    ("seresnext", ("seresnext26ts", 7.9)),
+    ("ecaresnet", ("ecaresnet26t", 11.4)),
+    ("res2net", ("res2net50_14w_8s", 25.8)),
+    ("resnest", ("resnest14d", 16.3)),
+    ("sknet", ("skresnet18", 8.7)),
+    ("regnetx", ("regnetx_002", 4.2)),
+    ("regnety", ("regnety_002", 4.7)),
+    ("regnetz", ("regnetz_005", 9.0)),
+    ("efficientnet", ("efficientnet_lite0", 3.5)),
+    ("tf_efficientnet", ("tf_efficientnet_lite0", 22.6)),
+    ("efficientnetv2", ("tf_efficientnetv2_b0", 13.8)),
+    ("mobilenetv2", ("mobilenetv2_035", 4.1)),
+    ("mobilenetv3", ("mobilenetv3_small_050", 6.2)),
+    ("mnasnet", ("mnasnet_small", 5.9)),
+    ("fbnet", ("fbnetc_100", 14.1)),
+    ("mixnet", ("mixnet_s", 10.6)),
+    ("ghostnet", ("ghostnet_050", 9.5)),
+    ("rexnet", ("rexnet_100", 21.3)),
+    ("lcnet", ("lcnet_035", 6.6)),
+    ("hardcorenas", ("hardcorenas_a", 6.1)),
+    ("tinynet", ("tinynet_e", 4.8)),
+    ("cspnet", ("cspnext_tiny", 4.5)),
+    ("cs3darknet", ("cs3darknet_s", 5.2)),
+    ("darknet", ("darknet17", 7.4)),
+    ("dla", ("dla46x_c", 6.7)),
+    ("dpn", ("dpn48b", 13.7)),
+    ("densenet", ("densenet121", 15.5)),
+    ("vovnet", ("ese_vovnet19b_slim_dw", 4.6)),
+    ("hrnet", ("hrnet_w18_small", 11.5)),
+    ("inception_v3", ("inception_v3", 24.3)),
+    ("inception_v4", ("inception_v4", 38.6)),
+    ("xception", ("legacy_xception", 12.0)),
+    ("selecsls", ("selecsls42", 17.0)),
+    ("gernet", ("gernet_s", 6.3)),
+    ("repvgg", ("repvgg_a0", 8.9)),
+    ("mobileone", ("mobileone_s0", 16.5)),
+    ("fastvit", ("fastvit_t8", 10.7)),
+    ("mobilevit", ("mobilevit_xxs", 7.6)),
+    ("efficientformer", ("efficientformer_l1", 24.6)),
+    ("levit", ("levit_128s", 16.0)),
 ])
 
 #: A small, fixed sample for ``make test``, one mechanism each: BatchNormAct2d
@@ -83,13 +91,27 @@ REPARAM = ["repvgg_a0", "mobileone_s0", "fastvit_t8"]
 
 DEFAULT_SIZE = 128
 
-# Models built for one input size (attention biases sized at build time) take
-# the size as ``img_size`` at build time, so they can run at a small one.
+# Models built for one input size (attention biases, window grids sized at
+# build time) run at DEFAULT_SIZE when given it as ``img_size``; the others
+# below need a larger input. Found by benchmarks/timm_sweep.py (timm 1.0.31):
+# each model takes the first of 128 px, 128 px with img_size, 160 px with
+# img_size, 224 px, 256 px that builds and runs.
 _IMG_SIZE_KWARG = ("levit", "efficientformerv2")
-# Models whose stem or stages need a larger input than DEFAULT_SIZE.
-# EfficientFormer (v1) fixes its last stage's attention at 7x7 tokens: 224 only.
-_MIN_SIZE: Dict[str, int] = {"efficientformer_l1": 224, "efficientformer_l3": 224,
-                             "efficientformer_l7": 224}
+_IMG_SIZE_NAMES = frozenset("""
+    botnet26t_256 botnet50ts_256 coatnet_0_224 coatnet_0_rw_224 coatnet_bn_0_rw_224
+    coatnet_nano_cc_224 coatnet_nano_rw_224 coatnet_pico_rw_224 coatnet_rmlp_0_rw_224
+    coatnet_rmlp_nano_rw_224 eca_botnext26ts_256 halo2botnet50ts_256 lambda_resnet26rpt_256
+    lamhalobotnet50ts_256 maxvit_nano_rw_256 maxvit_pico_rw_256 maxvit_rmlp_nano_rw_256
+    maxvit_rmlp_pico_rw_256 maxvit_rmlp_tiny_rw_256 maxvit_tiny_rw_224 maxvit_tiny_rw_256
+    sebotnet33ts_256 test_coatnet test_maxvit visformer_tiny volo_d1_224 volo_d1_384
+""".split())
+# EfficientFormer (v1) fixes its last stage's attention at 7x7 tokens: 224 only;
+# the halo attention models need a multiple of their block size at every stage.
+_MIN_SIZE: Dict[str, int] = {
+    "efficientformer_l1": 224, "efficientformer_l3": 224, "efficientformer_l7": 224,
+    "haloregnetz_b": 224, "bat_resnext26ts": 256, "eca_halonext26ts": 256,
+    "halonet26t": 256, "halonet50ts": 256, "sehalonet33ts": 256,
+}
 
 
 def family_of(name: str) -> Optional[str]:
@@ -106,12 +128,12 @@ def input_size(name: str) -> int:
 
 def _kwargs(name: str, size: int) -> dict:
     kw = dict(pretrained=False)
-    if name.startswith(_IMG_SIZE_KWARG):
+    if name.startswith(_IMG_SIZE_KWARG) or name in _IMG_SIZE_NAMES:
         kw["img_size"] = size
     return kw
 
 
-def _randomise_frozen(model, gen):
+def randomise_frozen(model, gen):
     """FrozenBatchNorm(Act)2d holds weight, bias and statistics as buffers: give
     them random values, as calibrate() does for the _BatchNorm classes."""
     import timm.layers.norm_act as na
@@ -138,7 +160,7 @@ def build(name: str, seed: int = 0, size: Optional[int] = None, batch: int = 4,
     size = size or input_size(name)
     torch.manual_seed(seed)
     model = timm.create_model(name, **{**_kwargs(name, size), **kwargs})
-    _randomise_frozen(model, torch.Generator().manual_seed(seed + 1))
+    randomise_frozen(model, torch.Generator().manual_seed(seed + 1))
     return calibrate(model, shape=(batch, 3, size, size), steps=steps, seed=seed)
 
 
@@ -170,6 +192,7 @@ def timed_check(name: str) -> float:
 
 
 if __name__ == "__main__":  # pragma: no cover - a maintenance tool
+    # python -P fusion/_tools/timm_zoo.py [names]: time build + fuse of each
     import sys
 
     torch.set_num_threads(1)
