@@ -396,8 +396,13 @@ def write_table(raw):
     bf16_ok = [r for r in ok.values() if "bf16" in r and "error" not in r["bf16"]]
     bf16_err = [r["name"] for r in ok.values() if "bf16" in r and "error" in r["bf16"]]
     errs = sorted(r["fp32"]["rel_err"] for r in ok.values() if r["fp32"]["rel_err"] is not None)
-    ratio = sorted(r["fp32"]["rel_err"] / r["fp32"]["tolerance"] for r in ok.values()
-                   if r["fp32"]["rel_err"] is not None and r["fp32"]["tolerance"])
+    # fuse compares the layers, not the output, where the tolerance is above
+    # fusion.verify.DISCONTINUOUS (1%): the output proves nothing there
+    layered = sorted(n for n, r in ok.items() if r["fp32"].get("tolerance")
+                     and r["fp32"]["tolerance"] > 0.01)
+    ratio = sorted(r["fp32"]["rel_err"] / r["fp32"]["tolerance"] for n, r in ok.items()
+                   if r["fp32"]["rel_err"] is not None and r["fp32"].get("tolerance")
+                   and n not in layered)
 
     L = []
     L.append("# fusion on the timm zoo")
@@ -450,7 +455,9 @@ def write_table(raw):
              + (f" ({', '.join(none_names)})" if none_names else "") + ".")
     if errs:
         L.append(f"- fp32 rel_err: median {errs[len(errs) // 2]:.1e}, max {errs[-1]:.1e}; "
-                 f"rel_err / tolerance: median {ratio[len(ratio) // 2]:.2f}, max {ratio[-1]:.2f}.")
+                 f"rel_err / tolerance: median {ratio[len(ratio) // 2]:.2f}, max {ratio[-1]:.2f}"
+                 + (f"; verified layer by layer, the tolerance being above 1%: "
+                    f"{', '.join(layered)}" if layered else "") + ".")
     L.append(f"- bf16: fused and verified on {len(bf16_ok)} models"
              + (f"; failed on {len(bf16_err)}: {', '.join(bf16_err[:20])}" if bf16_err else "")
              + ".")
