@@ -27,13 +27,13 @@ Models (:data:`MODELS`):
   branch's conv; ultralytics' fuser also merges the two branches into one conv
   (``fuse_convs``), which is a reparameterisation, not a BN fold.
 """
-import os
 from typing import List, Tuple
 
 import torch
 from torch import nn
 
 from .models import calibrate
+from .offline import ultralytics_offline
 
 __all__ = ["MODELS", "DETECTION", "SMALL", "build", "input_shape", "raw_outputs",
            "max_rel_err", "rel_err", "count_norms", "ultralytics_version"]
@@ -50,10 +50,7 @@ _SIZE = {name: 32 for name in SMALL}
 
 def _offline():
     """The environment ultralytics reads at import; set before importing it."""
-    os.environ.setdefault("YOLO_OFFLINE", "True")
-    os.environ.setdefault("YOLO_AUTOINSTALL", "False")
-    os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(
-        os.path.expanduser("~"), ".cache", "fusion", "ultralytics"))
+    ultralytics_offline()
 
 
 def ultralytics_version() -> str:
