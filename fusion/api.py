@@ -21,6 +21,8 @@ from .discover import (
 )
 from .errors import FusionError
 from .layers import (
+    ModuleIndex,
+    classifying,
     describe,
     is_known_norm,
     layer_kind,
@@ -65,12 +67,15 @@ def _check_model(model, name="model"):
     # Classes of modules not imported yet cannot be in the model: looked up, not imported.
     fake = getattr(sys.modules.get("torch._subclasses.fake_tensor"), "FakeTensor", None)
     compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+    graphs = False
     for qualname, m in model.named_modules():
         if compiled is not None and isinstance(m, compiled):
             _refuse_compiled(qualname or ROOT)
         if fake is not None:
             _refuse_fake(qualname or ROOT, m, fake)
-    _refuse_exported(model)
+        graphs = graphs or isinstance(m, torch.fx.GraphModule)
+    if graphs:
+        _refuse_exported(model)
 
 
 def _refuse_fake(qualname, module, fake):
@@ -158,10 +163,10 @@ def _copy(model):
 
 
 @contextlib.contextmanager
-def _training_restored_on_error(model, restore: bool):
+def _training_restored_on_error(modules, restore: bool):
     """Puts every module's training flag back if the block raises (``restore``),
     so that a model fused in place is left as it was."""
-    flags = {m: m.training for m in model.modules()}
+    flags = {m: m.training for m in modules}
     try:
         yield any(flags.values())
     except BaseException:
@@ -257,10 +262,10 @@ def _first_line(exc) -> str:
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
 
-def _discover(target, args, fixed_shapes=False) -> Evidence:
+def _discover(target, args, fixed_shapes=False, index=None) -> Evidence:
     evidence = Evidence([])
     try:
-        evidence.flows.append(flow_from_fx(target))
+        evidence.flows.append(flow_from_fx(target, index=index))
     except Exception as exc:  # any model that fx cannot trace
         evidence.fx_error = _fx_error(exc)
     if args is not None:
@@ -346,9 +351,17 @@ def _plan_dict(folds: List[Fold], replaced: List[str]) -> Dict:
     }
 
 
-def _account(report: FusionReport, model, prepared: List[rewrite.Prepared]):
+def _replacement(new: Dict[int, nn.Module], norm: nn.Module) -> nn.Module:
+    """What took ``norm``'s place in the write, or (a dry run) what would."""
+    made = new.get(id(norm))
+    return replacement(norm) if made is None else made
+
+
+def _account(report: FusionReport, prepared: List[rewrite.Prepared],
+             replaced: List[rewrite.Replaced]):
     """The pairs fused, the parameters added to their layers, and what the
     norms that go held."""
+    new = {id(r.norm): r.new for r in replaced}
     seen = set()
     for p in prepared:
         fold = p.fold
@@ -358,7 +371,7 @@ def _account(report: FusionReport, model, prepared: List[rewrite.Prepared]):
                 channels = fold.after_channels if direction == "after" else None
                 report.fused.append(FusedPair(
                     norm, fold.layer, direction, fold.evidence, fold.bias_added,
-                    fold.untie, describe(replacement(p.norms[norm])),
+                    fold.untie, describe(_replacement(new, p.norms[norm])),
                     None if channels is None else list(channels)))
         if fold.bias_added:
             report.added_parameters[f"{fold.layer}.bias"] = out_channels(p.layer)
@@ -379,7 +392,7 @@ def _report(model, stages: "_Stages") -> FusionReport:
     plan, preparation, verification = stages.plan, stages.preparation, stages.verification
     report = FusionReport(dry_run=stages.dry_run, evidence=list(plan.evidence),
                           notes=list(plan.notes) + stages.notes)
-    _account(report, model, preparation.folds)
+    _account(report, preparation.folds, stages.replaced)
     report.left = [LeftNorm(x.norm, x.reason, x.detail)
                    for x in plan.left + preparation.overflow]
     report.plan = _plan_dict([p.fold for p in preparation.folds],
@@ -520,20 +533,22 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
             strict=strict, fixed_shapes=fixed_shapes), return_report)
     args, verify = _check_options(example_inputs, verify, rtol)
     target = model if inplace else _copy(model)
-    with _training_restored_on_error(model, restore=inplace) as was_training:
-        target.eval()
-        evidence = _discover(target, args, fixed_shapes)
-        plan = make_plan(target, evidence.flows)
-        preparation = rewrite.prepare(target, plan.folds)
-        _check_strict(strict, plan, preparation)
-        backup = rewrite.Backup.of(preparation.folds) if verify and inplace else None
-        originals = _originals(model, preparation, backup) if verify else None
-        rewrite.ensure_unchanged(preparation.folds)
-        replaced = rewrite.write(target, preparation.folds)
-        if backup is not None:
-            backup.replaced = replaced
-        verification = _verify(target, args, evidence, preparation, rtol, originals,
-                               backup) if verify else None
+    with classifying():
+        index = ModuleIndex(target)  # one walk, for every stage until the write
+        with _training_restored_on_error(index.modules.values(), inplace) as was_training:
+            target.eval()
+            evidence = _discover(target, args, fixed_shapes, index)
+            plan = make_plan(target, evidence.flows, index)
+            preparation = rewrite.prepare(target, plan.folds, index)
+            _check_strict(strict, plan, preparation)
+            backup = rewrite.Backup.of(preparation.folds) if verify and inplace else None
+            originals = _originals(model, preparation, backup) if verify else None
+            rewrite.ensure_unchanged(preparation.folds)
+            replaced = rewrite.write(target, preparation.folds, index)
+            if backup is not None:
+                backup.replaced = replaced
+            verification = _verify(target, args, evidence, preparation, rtol, originals,
+                                   backup) if verify else None
     notes = evidence.notes(args is not None)
     if was_training:
         notes.append("the model was in training mode; it was fused with eval-mode "
@@ -568,16 +583,18 @@ def analyze(model, *, example_inputs=None, fixed_shapes=False):
         return _prefixed(analyze(inner, example_inputs=example_inputs,
                                  fixed_shapes=fixed_shapes), _WRAPPED)
     args = _as_args(example_inputs)
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        evidence = _discover(model, args, fixed_shapes)
-        plan = make_plan(model, evidence.flows)
-        preparation = rewrite.prepare(model, plan.folds)
-    finally:
-        for m, t in flags.items():
-            m.training = t
-    replaced = rewrite.replacements(model, preparation.folds)
+    with classifying():
+        index = ModuleIndex(model)
+        flags = {m: m.training for m in index.modules.values()}
+        try:
+            model.eval()
+            evidence = _discover(model, args, fixed_shapes, index)
+            plan = make_plan(model, evidence.flows, index)
+            preparation = rewrite.prepare(model, plan.folds, index)
+        finally:
+            for m, t in flags.items():
+                m.training = t
+        replaced = rewrite.replacements(model, preparation.folds, index)
     return _report(model, _Stages(plan, preparation, replaced,
                                   evidence.notes(args is not None), dry_run=True))
 

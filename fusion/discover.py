@@ -23,7 +23,8 @@ import torch
 from torch import fx, nn
 
 from .errors import FusionError
-from .layers import alias_names, canonical_names, is_layer, is_norm_module, tensors
+from .layers import (ModuleIndex, alias_names, canonical_names, is_layer, is_norm_module,
+                     own_forward, tensors)
 
 __all__ = []
 
@@ -101,12 +102,93 @@ class Flow:
 # --- torch.fx ------------------------------------------------------------------
 
 
+#: The process-wide module hooks that nn.Module.__call__ runs (torch 1.13 has
+#: the first three): with any set, a traced call runs them, and nothing is taken
+#: as read without tracing.
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def _has_hooks(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
 class _LeafTracer(fx.Tracer):
     """Keeps tracked modules as single call_module nodes (FrozenBatchNorm2d and
-    registered norms would otherwise be traced through)."""
+    registered norms would otherwise be traced through).
+
+    With ``collapse``, a call of a *chain* is one call_module node too: an
+    ``nn.Sequential`` whose class keeps its ``forward`` and ``__iter__``
+    (each child called on the previous one's output), with no hooks, whose
+    children are all leaves or chains. Tracing through it would give each
+    child one node, fed the previous child's output and nothing else, and no
+    other node; :func:`flow_from_fx` expands the chain's node into exactly
+    those calls, so the flow is the same, from fewer nodes. Everything else
+    is as ``fx.Tracer`` traces it, less the nodes' debugging metadata (module
+    scopes and stacks), which nothing here reads."""
+
+    def __init__(self, model, collapse=True):
+        super().__init__()
+        self._leaf: Dict[int, bool] = {}
+        self.chains: Dict[int, bool] = {}
+        self._collapse = collapse and not any(
+            getattr(torch.nn.modules.module, h, None) for h in _GLOBAL_HOOKS)
 
     def is_leaf_module(self, m, qualname):
-        return is_interesting(m) or super().is_leaf_module(m, qualname)
+        leaf = self._leaf.get(id(m))
+        if leaf is None:
+            # A forward set on the instance is traced: the class says nothing of it.
+            leaf = self._leaf[id(m)] = not own_forward(m) and (
+                is_interesting(m) or super().is_leaf_module(m, qualname))
+        return leaf
+
+    def is_chain(self, m) -> bool:
+        """A module whose call :func:`flow_from_fx` can expand (see the class)."""
+        chain = self.chains.get(id(m))
+        if chain is None:
+            children = list(m._modules.values())
+            cls = type(m)
+            chain = self._collapse and isinstance(m, nn.Sequential) and \
+                cls.forward is nn.Sequential.forward and cls.__iter__ is nn.Sequential.__iter__ \
+                and not own_forward(m) and not _has_hooks(m) and all(
+                    c is not None and (self.is_leaf_module(c, "") or self.is_chain(c))
+                    for c in children)
+            self.chains[id(m)] = chain
+        return chain
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)  # raises NameError for a module not in the model
+        if self.is_leaf_module(m, name) or (len(args) == 1 and not kwargs and self.is_chain(m)):
+            return self.create_proxy("call_module", name, args, kwargs)
+        return forward(*args, **kwargs)
+
+    def create_arg(self, a):
+        # The common arguments, as fx.Tracer.create_arg makes them, without its
+        # checks for parameters, modules and constants (none of them is one).
+        if type(a) is fx.Proxy:
+            return a.node
+        if type(a) is tuple and all(type(x) is fx.Proxy for x in a):
+            return tuple(x.node for x in a)
+        if type(a) is dict and not a:
+            return {}
+        return super().create_arg(a)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        if kind == "call_function" and self.check_mutable_operations:
+            return super().create_node(kind, target, args, kwargs, name, type_expr)
+        return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+
+
+def chain_children(tracer, module) -> List[nn.Module]:
+    """The leaves a chain's call runs, in order, nested chains expanded."""
+    out = []
+    for child in module._modules.values():
+        if tracer.chains.get(id(child)):
+            out.extend(chain_children(tracer, child))
+        else:
+            out.append(child)
+    return out
 
 
 # Modules and functions whose output has the rank of their (first) input.
@@ -117,7 +199,16 @@ _RANK_KEEPING_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.funct
                            torch.nn.functional.dropout}
 
 
-def _proven_rank(node, model, rank) -> Optional[int]:
+def _module_rank(m, in_rank: Optional[int]) -> Optional[int]:
+    """The rank of module ``m``'s output, from its input's (None: not proven)."""
+    if isinstance(m, nn.Flatten):
+        return 2 if (m.start_dim, m.end_dim) == (1, -1) else None
+    if isinstance(m, (nn.Linear, nn.BatchNorm1d) + _RANK_KEEPING_MODULES):
+        return in_rank
+    return None
+
+
+def _proven_rank(node, modules, rank) -> Optional[int]:
     """The rank of fx node ``node``'s output where the op defines it, from the
     ranks already proven for earlier nodes; None where it is not proven.
 
@@ -129,12 +220,7 @@ def _proven_rank(node, model, rank) -> Optional[int]:
 
     args = node.args
     if node.op == "call_module":
-        m = model.get_submodule(node.target)
-        if isinstance(m, nn.Flatten):
-            return 2 if (m.start_dim, m.end_dim) == (1, -1) else None
-        if isinstance(m, (nn.Linear, nn.BatchNorm1d) + _RANK_KEEPING_MODULES):
-            return of(args[0]) if args else None
-        return None
+        return _module_rank(modules[node.target], of(args[0]) if args else None)
     if node.op == "call_function":
         if node.target is torch.flatten:
             start = args[1] if len(args) > 1 else node.kwargs.get("start_dim", 0)
@@ -151,21 +237,65 @@ def _proven_rank(node, model, rank) -> Optional[int]:
     return None
 
 
-def flow_from_fx(model) -> Flow:
-    """Traces ``model`` with torch.fx. Raises whatever tracing raises."""
+#: What a chain's first child is to the users of the chain's input: the Call
+#: that consumes it, or this (a module the flow does not track).
+_UNTRACKED = object()
+
+
+def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None) -> Flow:
+    """Traces ``model`` with torch.fx. Raises whatever tracing raises.
+
+    ``collapse=False`` traces through every chain (see :class:`_LeafTracer`);
+    the flow is the same, from a larger graph. ``index``: the model's
+    :class:`ModuleIndex`, if the caller has one."""
+    tracer = _LeafTracer(model, collapse)
     with MODEL_LOCK:
-        graph = _LeafTracer().trace(model)
-    names = canonical_names(model)
+        graph = tracer.trace(model)
+    index = index or ModuleIndex(model)
+    modules, names = index.modules, index.names
     flow = Flow("fx")
     by_node: Dict[fx.Node, Call] = {}
+    entry: Dict[fx.Node, object] = {}  # a chain's node -> its first child's Call
     rank: Dict[fx.Node, int] = {}
     through: Dict[fx.Node, fx.Node] = {}  # a pass-through module's node -> its input's
 
     def value(arg):
         return through.get(arg, arg) if isinstance(arg, fx.Node) else arg
 
+    def chain(node, module):
+        """The calls of a chain's children, linked as tracing through it links them."""
+        arg = node.args[0]
+        prev = by_node.get(value(arg)) if isinstance(arg, fx.Node) else None
+        r = rank.get(arg) if isinstance(arg, fx.Node) else None
+        first, last = True, None
+        for child in chain_children(tracer, module):
+            in_rank, r = r, _module_rank(child, r)
+            if _passes_through(child):
+                continue
+            call = flow.add(Call(names[id(child)], in_ndim=in_rank)) \
+                if is_interesting(child) else None
+            if first:
+                entry[node] = _UNTRACKED if call is None else call
+                if call is not None:
+                    call.src = prev
+            elif last is not None:
+                last.users.append(OTHER if call is None else call)
+                if call is not None:
+                    call.src = last
+            first, last = False, call
+        if r is not None:
+            rank[node] = r
+        if first:  # every child passes its input through
+            if isinstance(arg, fx.Node):
+                through[node] = value(arg)
+        elif last is not None:
+            by_node[node] = last
+
     for node in graph.nodes:
-        proven = _proven_rank(node, model, rank)
+        if node.op == "call_module" and tracer.chains.get(id(modules[node.target])):
+            chain(node, modules[node.target])
+            continue
+        proven = _proven_rank(node, modules, rank)
         if proven is not None:
             rank[node] = proven
         if node.op == "call_function" and node.target in _CAT_FUNCTIONS:
@@ -176,7 +306,7 @@ def flow_from_fx(model) -> Flow:
                 not isinstance(by_node[value(node.args[0])], (Cat, View)):
             by_node[node] = View(VIEW, src=by_node[value(node.args[0])])
         elif node.op == "call_module":
-            module = model.get_submodule(node.target)
+            module = modules[node.target]
             if _passes_through(module) and len(node.args) == 1 and not node.kwargs and \
                     isinstance(node.args[0], fx.Node):
                 through[node] = value(node.args[0])
@@ -187,16 +317,18 @@ def flow_from_fx(model) -> Flow:
             if node.args and isinstance(node.args[0], fx.Node):
                 call.in_ndim = rank.get(node.args[0])
             by_node[node] = call
-            if len(node.args) == 1 and not node.kwargs:
+            if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
                 src = by_node.get(value(node.args[0]))
                 if src is not None:
                     call.src = src
         elif node.op == "get_attr":
             owner = node.target.rpartition(".")[0]
-            try:
-                module = model.get_submodule(owner)
-            except AttributeError:
-                continue
+            module = modules.get(owner)
+            if module is None:
+                try:
+                    module = model.get_submodule(owner)
+                except AttributeError:
+                    continue
             if is_interesting(module):
                 flow.escaped.add(names[id(module)])
 
@@ -210,8 +342,8 @@ def flow_from_fx(model) -> Flow:
 
     for node, call in by_node.items():
         for user, used in uses(node):
-            consumer = by_node.get(user)
-            if consumer is not None and (consumer.src is call or (
+            consumer = entry.get(user) or by_node.get(user)
+            if isinstance(consumer, Call) and (consumer.src is call or (
                     isinstance(consumer, Cat) and call in consumer.parts)):
                 call.users.append(consumer)
             elif not _fx_shape_only(user, used):
@@ -573,7 +705,8 @@ def flow_from_sequentials(model) -> Flow:
     flow = Flow("sequential")
     pending: Dict[str, Call] = {}
     for m in model.modules():
-        if not (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward):
+        if not (isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+                and not own_forward(m)):
             continue
         children = [c for c in m._modules.values() if c is not None]
         for a, b in zip(children, children[1:]):

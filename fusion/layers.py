@@ -11,7 +11,9 @@ the model when the map is folded: timm's ``BatchNormAct2d`` is batch norm, then
 its ``drop`` and ``act`` modules. timm's classes are recognised without
 importing timm: only when timm's module is already loaded can a model hold one.
 """
+import contextlib
 import sys
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional
@@ -178,9 +180,57 @@ def _builtin_spec(module) -> Optional[NormSpec]:
     return None
 
 
+_per_class = threading.local()
+
+
+@contextlib.contextmanager
+def classifying():
+    """Within the block (one call of fuse or analyze), what :func:`norm_spec`,
+    :func:`is_norm_module`, :func:`layer_kind` and :func:`plain_layer_kind` say
+    of a class is worked out once, on its first module; it is forgotten when
+    the block ends. Registering classes inside the block is not seen."""
+    outer = getattr(_per_class, "table", None)
+    _per_class.table = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _per_class.table = outer
+
+
+def _by_class(fn):
+    """``fn(module)``, which depends on the module's class alone, memoised in
+    :func:`classifying`'s table."""
+    def of(module):
+        table = getattr(_per_class, "table", None)
+        if table is None:
+            return fn(module)
+        key = (fn, type(module))
+        try:
+            return table[key]
+        except KeyError:
+            out = table[key] = fn(module)
+            return out
+
+    of.__doc__, of.__name__ = fn.__doc__, fn.__name__
+    return of
+
+
+def own_forward(module) -> bool:
+    """The module's forward is set on the instance (``m.forward = ...``), so its
+    class does not say what it computes."""
+    own = vars(module)
+    return "forward" in own or "_conv_forward" in own
+
+
 def norm_spec(module) -> Optional[NormSpec]:
     """How to fold a known norm, or ``None``: registered classes first, then the
-    built-in ones; either only with the class's own forward."""
+    built-in ones; either only with the class's own forward (and not one set on
+    the instance)."""
+    return None if own_forward(module) else _class_norm_spec(module)
+
+
+@_by_class
+def _class_norm_spec(module) -> Optional[NormSpec]:
     for klass in type(module).__mro__:
         spec = _REGISTRY.get(klass)
         if spec is not None:
@@ -238,10 +288,11 @@ def describe(module: nn.Module) -> str:
     return type(module).__name__
 
 
+@_by_class
 def is_norm_module(module) -> bool:
     """Every module the report accounts for: known norms, and anything that looks
     like a batch or instance norm but is not foldable (reported with a reason)."""
-    if norm_spec(module) is not None:
+    if _class_norm_spec(module) is not None:
         return True
     if isinstance(module, nn.modules.batchnorm._NormBase):
         return True
@@ -332,7 +383,13 @@ def _same_forward(cls, klass) -> bool:
 def layer_kind(module) -> Optional[str]:
     """``"conv"``, ``"conv_transpose"``, ``"linear"``, or ``None`` for a module
     fusion cannot fold a following norm into (including subclasses with their
-    own forward, unless registered or built in)."""
+    own forward, unless registered or built in, and a forward set on the
+    instance)."""
+    return None if own_forward(module) else _class_layer_kind(module)
+
+
+@_by_class
+def _class_layer_kind(module) -> Optional[str]:
     cls = type(module)
     for klass in cls.__mro__:
         kind = _LAYERS.get(klass)
@@ -347,6 +404,11 @@ def layer_kind(module) -> Optional[str]:
 def plain_layer_kind(module) -> Optional[str]:
     """The kind of a layer with its base class's own forward, which alone a
     norm *before* it may fold into; None for anything else."""
+    return None if own_forward(module) else _class_plain_layer_kind(module)
+
+
+@_by_class
+def _class_plain_layer_kind(module) -> Optional[str]:
     cls = type(module)
     for base in _CONV + _CONV_T + (nn.Linear,):
         if isinstance(module, base):
@@ -367,6 +429,49 @@ def in_channels(module) -> int:
 
 
 # --- Names and tensors ---------------------------------------------------------
+
+
+class ModuleIndex:
+    """One walk of a model's module tree, made once per call of fuse() and
+    shared by its stages (nothing outlives the call). It holds what
+    ``named_modules()`` would give, and must not be used after the tree
+    changes.
+
+    ``modules``: canonical name -> module, in ``named_modules()`` order (a
+    module reachable under several names is listed under the first).
+    ``names``: id(module) -> canonical name. :meth:`aliases`: every name."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules: Dict[str, nn.Module] = {}
+        self.names: Dict[int, str] = {}
+        self.shared = False  # some module is reachable under more than one name
+        stack = [("", model)]
+        while stack:  # named_modules()'s pre-order walk, without its generators
+            name, m = stack.pop()
+            if id(m) in self.names:
+                self.shared = True
+                continue
+            self.names[id(m)] = name
+            self.modules[name] = m
+            children = m._modules
+            if children:
+                prefix = name + "." if name else ""
+                stack.extend((prefix + k, c) for k, c in reversed(children.items())
+                             if c is not None)
+        self._aliases: Optional[Dict[int, List[str]]] = None
+
+    def aliases(self) -> Dict[int, List[str]]:
+        """id(module) -> every qualified name it is reachable under."""
+        if self._aliases is None:
+            self._aliases = alias_names(self.model) if self.shared else \
+                {i: [n] for i, n in self.names.items()}
+        return self._aliases
+
+    def get(self, name: str) -> nn.Module:
+        """The module at qualified name ``name`` (an alias too), as ``get_submodule``."""
+        m = self.modules.get(name)
+        return m if m is not None else self.model.get_submodule(name)
 
 
 def canonical_names(model) -> Dict[int, str]:

@@ -13,7 +13,7 @@ from torch import nn
 from .discover import OTHER, Call, Cat, Flow, View
 from .errors import FusionError
 from .layers import (
-    canonical_names,
+    ModuleIndex,
     compose,
     describe,
     has_hooks,
@@ -25,6 +25,7 @@ from .layers import (
     norm_remainder,
     norm_spec,
     out_channels,
+    own_forward,
     plain_layer_kind,
     uses_batch_statistics,
 )
@@ -185,8 +186,9 @@ def _producer_reason(flow: Flow, call: Call, modules) -> Optional[Reason]:
         return _view_reason(flow, call, src, modules)
     layer = modules[src.name]
     if layer_kind(layer) is None:
+        own = ", whose forward is set on the module itself" if own_forward(layer) else ""
         return Reason("unsupported_layer" if is_layer(layer) else "not_after_producer",
-                      f"its input comes from {src.name} ({type(layer).__name__})")
+                      f"its input comes from {src.name} ({type(layer).__name__}{own})")
     if flow.count(src.name) > 1:
         return Reason("called_twice",
                       f"its layer {src.name} is called {flow.count(src.name)} times")
@@ -431,19 +433,18 @@ def check_pair(layer_name, layer, norm_name, norm, direction, channels=None):
             f"(or the layer) and reload the weights.", norm_name, "shape")
 
 
-def _shares_storage(model) -> Dict[int, int]:
+def _shares_storage(modules) -> Dict[int, int]:
     """id(tensor) -> how many module parameter slots use the same storage."""
     counts: Dict[Tuple, int] = {}
     key_of = {}
-    for m in model.modules():
+    for m in modules:
         for t in m._parameters.values():
             if t is None:
                 continue
             if t.device.type == "meta" or t.is_sparse or t.is_quantized:
                 key = ("id", id(t))
-            else:
-                key = (t.device.type, t.untyped_storage().data_ptr()
-                       if hasattr(t, "untyped_storage") else t.storage().data_ptr())
+            else:  # the storage's address, without making a storage object
+                key = (t.device.type, t.data_ptr() - t.storage_offset() * t.element_size())
             counts[key] = counts.get(key, 0) + 1
             key_of[id(t)] = key
     return {i: counts[k] for i, k in key_of.items()}
@@ -503,6 +504,9 @@ class _Context:
 
 
 def _rule_known_norm(name, norm, ctx) -> Optional[Reason]:
+    if own_forward(norm):
+        return Reason("unknown_norm", "its forward is set on the module itself (m.forward "
+                      "= ...), so its class does not say what it computes")
     if norm_spec(norm) is None:
         return Reason("unknown_norm", f"{type(norm).__name__} is not a known norm; "
                       f"register it with fusion.register_norm if its eval forward is a "
@@ -632,15 +636,14 @@ def _rule_exact_before(name, norm, decision, ctx) -> Optional[Reason]:
 # --- The plan ----------------------------------------------------------------
 
 
-def _context(model, flows: List[Flow]) -> _Context:
-    names = canonical_names(model)
+def _context(index: ModuleIndex, flows: List[Flow]) -> _Context:
     recorded = next((f for f in flows if f.source == "recorded"), None)
     fx_proven = any(f.source == "fx" for f in flows)
     branchy = recorded is not None and not fx_proven and recorded.value_reads > 0 \
         and bool(recorded.uncalled)
-    return _Context({names[id(m)]: m for m in model.modules()}, flows, recorded,
+    return _Context(index.modules, flows, recorded,
                     set().union(*(f.escaped for f in flows)) if flows else set(),
-                    branchy, _shares_storage(model))
+                    branchy, _shares_storage(index.modules.values()))
 
 
 def _reason(name, norm, ctx) -> Union[Reason, Decision]:
@@ -711,14 +714,15 @@ def _chain_order(fold: Fold, outcomes):
     fold.before_more.sort(key=lambda n: -len(outcomes[n].via))
 
 
-def make_plan(model, flows: List[Flow]) -> Plan:
-    """Decides every norm of ``model`` from the given flows (all must agree)."""
-    ctx = _context(model, flows)
+def make_plan(model, flows: List[Flow], index: Optional[ModuleIndex] = None) -> Plan:
+    """Decides every norm of ``model`` from the given flows (all must agree).
+    ``index``: the model's :class:`ModuleIndex`, if the caller has one."""
+    ctx = _context(index or ModuleIndex(model), flows)
     plan = Plan(evidence=list(dict.fromkeys(f.source for f in flows)),
                 notes=list(dict.fromkeys(f.note for f in flows
                                          if f.note and f.source == "recorded")))
     outcomes: Dict[str, Union[Reason, Decision]] = {}
-    for name, module in model.named_modules():
+    for name, module in ctx.modules.items():
         if not is_norm_module(module):
             continue
         if name == "":

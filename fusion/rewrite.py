@@ -21,6 +21,7 @@ from torch import nn
 from ._native import _C
 from .errors import FusionError
 from .layers import (
+    ModuleIndex,
     NormParams,
     alias_names,
     norm_params,
@@ -202,14 +203,14 @@ def _check_chain(names, norms):
                               "variance")
 
 
-def _prepare_one(model, fold: Fold) -> Prepared:
-    """Raises _C.FoldError for what the core refuses."""
-    layer = model.get_submodule(fold.layer)
+def _prepare_one(get, fold: Fold) -> Prepared:
+    """Raises _C.FoldError for what the core refuses. ``get``: name -> module."""
+    layer = get(fold.layer)
     p = Prepared(fold, None, layer)
     had_bias = layer.bias is not None
     weight, bias_out = _targets(p)
     for name in fold.norms():
-        p.norms[name] = model.get_submodule(name)
+        p.norms[name] = get(name)
     for chain in (fold.before_norms(), fold.after_norms()):
         if len(chain) > 1:
             _check_chain(chain, p.norms)
@@ -227,17 +228,19 @@ def _prepare_one(model, fold: Fold) -> Prepared:
     return p
 
 
-def prepare(model, folds: List[Fold]) -> Preparation:
+def prepare(model, folds: List[Fold], index: Optional[ModuleIndex] = None) -> Preparation:
     """Checks and computes every fold, writing nothing. A fold whose fused values
-    would overflow is left (reason ``overflow``); any other fault raises."""
+    would overflow is left (reason ``overflow``); any other fault raises.
+    ``index``: the model's :class:`ModuleIndex`, if the caller has one."""
+    get = index.get if index is not None else model.get_submodule
     out = Preparation()
     for fold in folds:
         try:
-            out.folds.append(_prepare_one(model, fold))
+            out.folds.append(_prepare_one(get, fold))
         except _C.FoldError as exc:
             if exc.code != "overflow":
                 raise _fold_error(exc, fold) from None
-            dtype = model.get_submodule(fold.layer).weight.dtype
+            dtype = get(fold.layer).weight.dtype
             out.overflow += [Left(n, "overflow", f"folding it into {fold.layer} gives a "
                                   f"value that does not fit {dtype} ({exc})")
                              for n in fold.norms()]
@@ -259,10 +262,11 @@ def ensure_unchanged(prepared: List[Prepared]):
 # --- write ---------------------------------------------------------------------
 
 
-def replacements(model, prepared: List[Prepared]) -> List[Replaced]:
+def replacements(model, prepared: List[Prepared],
+                 index: Optional[ModuleIndex] = None) -> List[Replaced]:
     """Every (name, norm) that writing ``prepared`` replaces: each folded norm
     under every name it is reachable by."""
-    aliases = alias_names(model)
+    aliases = index.aliases() if index is not None else alias_names(model)
     out, done = [], set()
     for p in prepared:
         for norm in p.norms.values():
@@ -327,13 +331,15 @@ def _run_every(steps):
         raise first
 
 
-def write(model, prepared: List[Prepared]) -> List[Replaced]:
+def write(model, prepared: List[Prepared],
+          index: Optional[ModuleIndex] = None) -> List[Replaced]:
     """Writes every prepared fold and replaces the folded norms (by nn.Identity,
     or their remainder) under every name they are reachable by: all of it, or (if it raises before
-    starting) none of it.
+    starting) none of it. ``index``: the model's :class:`ModuleIndex` from
+    before the write, if the caller has one.
 
     Returns every (name, norm) replaced."""
-    replaced = replacements(model, prepared)
+    replaced = replacements(model, prepared, index)
     steps = _write_steps(model, prepared, replaced)
     with torch.no_grad(), _sigint_held():
         _run_every(steps)

@@ -228,8 +228,8 @@ def plant(monkeypatch, layer, channel=1, factor=1.01):
     one channel's scale off by 1%."""
     real = rewrite.write
 
-    def planted(model, prepared):
-        out = real(model, prepared)
+    def planted(model, prepared, index=None):
+        out = real(model, prepared, index)
         with torch.no_grad():
             model.get_submodule(layer).weight[channel].mul_(factor)
         return out

@@ -27,8 +27,8 @@ def _plant(monkeypatch, layer, channel=3, factor=1.01):
     """After the write phase, one output channel of one fused layer is off by 1%."""
     original = rewrite.write
 
-    def write(model, prepared):
-        out = original(model, prepared)
+    def write(model, prepared, index=None):
+        out = original(model, prepared, index)
         with torch.no_grad():
             model.get_submodule(layer).weight[channel] *= factor
         return out
@@ -149,8 +149,8 @@ def test_a_one_ulp_change_stays_within_the_layer_bound(monkeypatch):
     model = _zero_head()
     original = rewrite.write
 
-    def write(m, prepared):
-        out = original(m, prepared)
+    def write(m, prepared, index=None):
+        out = original(m, prepared, index)
         with torch.no_grad():
             w = m.conv.weight
             w.copy_(torch.nextafter(w, torch.full_like(w, float("inf"))))
