@@ -6,6 +6,9 @@ never see a model another one changed). The contenders run in alternating,
 rotated order (ABCD, BCDA, ...) for ``--rounds`` rounds and the median and
 quartiles of each are reported. gc.collect() runs before every timed call.
 
+A bare ``copy.deepcopy`` of the model is timed in the same rotation: copy
+mode's reference (deepcopy plus the in-place fuse).
+
 The result of each contender's first timed call is checked (untimed): how
 many BatchNorm modules it left, and the relative output error against the
 original model on one small random input (a wrong fold shows up here).
@@ -15,6 +18,7 @@ Usage:
         --threads 1 --out benchmarks/results/raw/fuse_time.json
 """
 import argparse
+import copy
 import os
 import sys
 
@@ -55,15 +59,23 @@ def bench_model(name, rounds, keys, cache_dir):
                 c["rel_err"] = _rel_err(y, fused(x))
 
     cases = {k: (lambda m, k=k: common.BY_KEY[k](m, pairs)) for k in keys}
-    times, errors = common.interleaved(cases, rounds, setup=lambda k: common.fresh(base),
-                                       teardown=check)
+    # The reference of copy mode: a bare deep copy, timed in the same rotation.
+    cases[DEEPCOPY] = copy.deepcopy
+    times, errors = common.interleaved(
+        cases, rounds, setup=lambda k: common.fresh(base),
+        teardown=lambda k, out: None if k == DEEPCOPY else check(k, out))
     for k in keys:
         c = row["contenders"][k]
         if k in errors:
             c["error"] = errors[k]
         if times.get(k):
             c["seconds"] = common.summary(times[k])
+    if times.get(DEEPCOPY):
+        row["deepcopy_seconds"] = common.summary(times[DEEPCOPY])
     return row
+
+
+DEEPCOPY = "deepcopy"
 
 
 def print_table(rows, keys):

@@ -120,14 +120,20 @@ def fuse_time_section(data, title):
                 cells.append(f"{_ms(s['median'])} ({_ms(s['p25'])}–{_ms(s['p75'])})")
             else:
                 cells.append("fails")
-        cells += [_ratio(r, "fusion_copy", "fx_copy"),
-                  _ratio(r, "fusion_inplace", "fx_inplace")]
+        dc = r.get("deepcopy_seconds")
+        cells += [_peer_cell(r, "inplace"), _peer_cell(r, "copy"),
+                  f"{_ms(dc['median'])}" if dc else "–", _copy_cell(r)]
         out.append(cells)
     header = ["model", "MiB", "threads"] + [LABELS[k] for k in keys] + \
-        ["fusion / fx (copy)", "fusion / fx (in place)"]
+        ["in place / fastest in-place peer", "copy / fastest copy peer",
+         "bare deepcopy", "copy / (deepcopy + in place)"]
     text = [f"### {title}", "",
             f"Median ms of {data.get('rounds')} alternating rounds (p25–p75); each call "
-            f"fuses a fresh deep copy (made untimed).", "",
+            f"fuses a fresh deep copy (made untimed). A ratio is of medians, with its "
+            f"spread from the quartiles (fusion's p25 over the peer's p75, to p75 over "
+            f"p25); in-place peers are torch.fx, fuse_modules, the naive loop and the "
+            f"diag-mm fold, copy peers torch.fx and fuse_modules. A bare "
+            f"`copy.deepcopy` of the model is timed in the same rotation.", "",
             common.md_table(header, out)]
     checks = []
     for r in rows:
@@ -147,6 +153,43 @@ def fuse_time_section(data, title):
         text += ["", "Every contender removed every BatchNorm it was given, with "
                  "output rel_err <= 1e-3 on a random input."]
     return "\n".join(text)
+
+
+PEERS = {"inplace": ("fx_inplace", "fuse_modules_inplace", "naive_inplace", "diag_inplace"),
+         "copy": ("fx_copy", "fuse_modules_copy")}
+
+
+def peer_ratio(r, mode):
+    """(fusion / the fastest peer of ``mode``, its low, its high, that peer), or None."""
+    a = r["contenders"].get(f"fusion_{mode}", {}).get("seconds")
+    peers = [(r["contenders"][k]["seconds"], k) for k in PEERS[mode]
+             if "seconds" in r["contenders"].get(k, {})]
+    if not a or not peers:
+        return None
+    b, k = min(peers, key=lambda p: p[0]["median"])
+    return a["median"] / b["median"], a["p25"] / b["p75"], a["p75"] / b["p25"], k
+
+
+def _peer_cell(r, mode):
+    q = peer_ratio(r, mode)
+    if q is None:
+        return "n/a"
+    return f"{q[0]:.2f} ({q[1]:.2f}–{q[2]:.2f}) vs {LABELS[q[3]]}"
+
+
+def copy_overhead(r):
+    """fusion copy / (bare deepcopy + fusion in place), medians; None if unmeasured."""
+    a = r["contenders"].get("fusion_copy", {}).get("seconds")
+    b = r["contenders"].get("fusion_inplace", {}).get("seconds")
+    dc = r.get("deepcopy_seconds")
+    if not (a and b and dc):
+        return None
+    return a["median"] / (dc["median"] + b["median"])
+
+
+def _copy_cell(r):
+    q = copy_overhead(r)
+    return "n/a" if q is None else f"{q:.2f}"
 
 
 def _ratio(r, a, b):
@@ -518,11 +561,120 @@ def yolo_section(data):
         lat_md])
 
 
+# --- fold kernels per instruction-set path ------------------------------------------
+
+
+def load_fold_isa(raw):
+    """The sections of ``make bench-fold``'s Markdown (raw/fold_isa.md): a list of
+    (title, reference line, rows), each row a dict by column; None if absent."""
+    path = os.path.join(raw, "fold_isa.md")
+    if not os.path.exists(path):
+        return None
+    sections, header = [], None
+    with open(path) as f:
+        for line in f:
+            line = line.rstrip("\n")
+            if line.startswith("## "):
+                sections.append([line[3:], "", []])
+                header = None
+            elif sections and line.startswith("read (memchr)"):
+                sections[-1][1] = line
+            elif sections and line.startswith("|") and not line.startswith("|---"):
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                if header is None:
+                    header = cells
+                else:
+                    sections[-1][2].append(dict(zip(header, cells)))
+    return [tuple(x) for x in sections if x[2]] or None
+
+
+def fold_isa_section(sections):
+    title, ref, rows = sections[0]
+    cols = ["dtype", "path", "check vs read", "prep+apply vs memcpy"]
+    out = [[r.get(c, "") for c in cols] for r in rows]
+    text = [f"`make bench-fold` (benchmarks/fold_speed.sh): the C core alone on one "
+            f"64 MiB contiguous weight, per dtype and instruction-set path ({title}). "
+            f"{ref}. *check vs read*: read time / check time (1.0 is read bandwidth); "
+            f"*prep+apply vs memcpy*: memcpy time / fold time (target 0.6). Every path "
+            f"writes bit-identical results (`make -C tests/c run`).", "",
+            common.md_table(cols, out, align=["---", "---", "--:", "--:"])]
+    for title, ref, rows in sections[1:]:
+        text += ["", f"{title}: prep+apply vs memcpy " + ", ".join(
+            f"{r['dtype']} {r['path']} {r['prep+apply vs memcpy']}" for r in rows
+            if r.get("path") != "baseline") + "."]
+    text += ["", "The whole output, with milliseconds: `benchmarks/results/fold_isa.md` "
+             "(committed, with the notes on what bounds each row)."]
+    return "\n".join(text)
+
+
+def _plot_fold_isa(ax, sections):
+    title, _, rows = sections[0]
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    by = {(r["dtype"], r["path"]): r for r in rows}
+    width = 0.8 / len(paths)
+    shades = {"baseline": "#bbbbbb", "avx2": "#6fa8dc", "avx512": "#1f5fa8"}
+    for i, path in enumerate(paths):
+        xs, ys = [], []
+        for j, d in enumerate(dtypes):
+            r = by.get((d, path))
+            try:
+                ys.append(float(r["prep+apply vs memcpy"]))
+            except (TypeError, ValueError, KeyError):
+                continue
+            xs.append(j + (i - len(paths) / 2 + 0.5) * width)
+        ax.bar(xs, ys, width, label=path, color=shades.get(path))
+    ax.axhline(0.6, color="k", ls="--", lw=0.8)
+    ax.set_xticks(range(len(dtypes)))
+    ax.set_xticklabels(dtypes)
+    ax.set_ylabel("memcpy time / fold time")
+    ax.set_title("C core: prepare + apply against memcpy (target 0.6)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _plot_peer_ratios(ax, fuse):
+    rows = [r for r in fuse["results"] if r["threads"] == fuse["results"][0]["threads"]]
+    width = 0.38
+    for i, (mode, color) in enumerate((("inplace", COLORS["fusion_inplace"]),
+                                       ("copy", COLORS["fusion_copy"]))):
+        xs, ys, lo, hi = [], [], [], []
+        for j, r in enumerate(rows):
+            q = peer_ratio(r, mode)
+            if q is None:
+                continue
+            xs.append(j + (i - 0.5) * width)
+            ys.append(q[0])
+            lo.append(q[0] - q[1])
+            hi.append(q[2] - q[0])
+        ax.bar(xs, ys, width, yerr=[lo, hi], color=color, error_kw={"elinewidth": 0.7},
+               label=f"fusion ({'in place' if mode == 'inplace' else 'copy'}) / fastest "
+                     f"peer")
+    ax.axhline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([r["model"] for r in rows], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("fuse() time / fastest peer's (median)")
+    ax.set_title("fuse() against the fastest peer (below 1: fusion is faster)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 # --- headline -------------------------------------------------------------------
 
 
-def plot_headline(scaling, memory, path):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+def plot_headline(scaling, memory, path, fuse=None, fold_isa=None):
+    extra = [x for x in (fuse, fold_isa) if x]
+    if extra:
+        fig, grid = plt.subplots(2, 2, figsize=(12, 9.2))
+        axes = list(grid.flat)
+    else:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    if fuse:
+        _plot_peer_ratios(axes[2], fuse)
+    if fold_isa:
+        _plot_fold_isa(axes[3 if fuse else 2], fold_isa)
+    if len(axes) > 2 and len(extra) == 1:
+        axes[3].axis("off")
     ax = axes[0]
     if scaling:
         rows = [r for r in scaling["results"] if r["threads"] == 1] or scaling["results"]
@@ -596,6 +748,9 @@ def torches_table(fuse, latency, old_fuse, old_latency):
             a = r["contenders"].get(k, {}).get("seconds", {}).get("median")
             b = o["contenders"].get(k, {}).get("seconds", {}).get("median")
             cells.append(f"{_ms(a)} / {_ms(b)}" if a and b else "–")
+        for mode in ("inplace", "copy"):
+            a, b = peer_ratio(r, mode), peer_ratio(o, mode)
+            cells.append(f"{a[0]:.2f} / {b[0]:.2f}" if a and b else "–")
         rows.append(cells)
     lat_rows = []
     old_lat = {(r["model"], r["threads"], r["batch"]): r
@@ -620,7 +775,8 @@ def torches_table(fuse, latency, old_fuse, old_latency):
             f"the other."]
     if rows:
         text += ["", common.md_table(["model", "fusion fuse() ms, copy",
-                                      "fusion fuse() ms, in place", "torch.fx fuse ms, copy"],
+                                      "fusion fuse() ms, in place", "torch.fx fuse ms, copy",
+                                      "in place / fastest peer", "copy / fastest peer"],
                                      rows)]
     if lat_rows:
         text += ["", common.md_table(["model", "threads", "batch", "unfused ms",
@@ -674,15 +830,21 @@ def readme_table(fuse, memory, throughput, precision, latency, torches="", goals
             v = mem.get((r["model"], k))
             return f"{v:.2f}x" if v is not None else "–"
 
+        def peer(mode):
+            q = peer_ratio(r, mode)
+            return "–" if q is None else f"{q[0]:.2f} ({LABELS[q[3]]})"
+
         rows.append([r["model"], f"{r['model_bytes'] / 2**20:.0f}",
                      f"{t('fusion_copy')} / {t('fx_copy')}",
                      f"{t('fusion_inplace')} / {t('fx_inplace')}",
+                     peer("copy"), peer("inplace"),
                      f"{m('fusion_copy')} / {m('fx_copy')}",
                      f"{m('fusion_inplace')} / {m('fx_inplace')}"])
     if rows:
         lines += [common.md_table(
             ["model", "MiB", "fuse() ms, copy: fusion / torch.fx",
              "fuse() ms, in place: fusion / torch.fx",
+             "copy: fusion / fastest peer", "in place: fusion / fastest peer",
              "peak extra memory, copy: fusion / torch.fx",
              "peak extra memory, in place: fusion / torch.fx"], rows), ""]
     facts = []
@@ -723,7 +885,9 @@ def readme_table(fuse, memory, throughput, precision, latency, torches="", goals
     if goals:
         lines += ["", "The targets, from the same run:", "", goals]
     lines += ["", "Plot to show: `benchmarks/results/headline.png` (fuse() time against "
-              "model size, and peak extra memory, for every fuser)."]
+              "model size, peak extra memory, fuse() against the fastest peer on each "
+              "model, and the C core's fold against memcpy per dtype and instruction-set "
+              "path)."]
     return "\n".join(lines) + "\n"
 
 
@@ -784,6 +948,21 @@ def targets(fuse, memory, throughput, latency, precision):
                 (": " + ", ".join(worse) if worse else "")
             rows.append([f"fuse() time <= torch.fx fuse on every zoo model ({mode})",
                          detail, _ok(not worse and n > 0)])
+        for mode, what in (("inplace", "in place <= the fastest in-place peer"),
+                           ("copy", "copy <= the fastest copy peer")):
+            qs = [(peer_ratio(r, mode), r) for r in fuse["results"]]
+            qs = [(q, r) for q, r in qs if q is not None]
+            worse = [f"{r['model']} {q[0]:.2f}x {LABELS[q[3]]}" for q, r in qs if q[0] > 1]
+            rows.append([f"{what} on every zoo model", f"slower on {len(worse)} of "
+                         f"{len(qs)}" + (": " + ", ".join(worse) if worse else ""),
+                         _ok(not worse and bool(qs))])
+        cs = [(copy_overhead(r), r) for r in fuse["results"]]
+        cs = [(q, r) for q, r in cs if q is not None]
+        if cs:
+            worst = max(cs, key=lambda x: x[0])
+            rows.append(["copy within 10% of a bare deepcopy + in place",
+                         f"worst {worst[0]:.2f}x ({worst[1]['model']})",
+                         _ok(worst[0] <= 1.1)])
     if latency:
         rs = [r for r in latency["results"] if r["ratios"].get("fused/deleted")]
         states = [_latency_state(r) for r in rs]
@@ -841,8 +1020,10 @@ def main(argv=None):
     if fuse:
         plot_fuse_time(fuse, os.path.join(args.out, "fuse_time.png"))
         plots.append("fuse_time.png")
+    fold_isa = load_fold_isa(args.raw)
     if scaling or memory:
-        plot_headline(scaling, memory, os.path.join(args.out, "headline.png"))
+        plot_headline(scaling, memory, os.path.join(args.out, "headline.png"), fuse,
+                      fold_isa)
         plots.append("headline.png")
     if memory:
         plot_memory(memory, os.path.join(args.out, "memory.png"))
@@ -887,6 +1068,9 @@ def main(argv=None):
         note = first_touch_note(throughput)
         if note:
             md += [note, ""]
+    if fold_isa:
+        md += ["### Fold kernels per dtype and instruction-set path", "",
+               fold_isa_section(fold_isa), ""]
     if latency:
         md += ["## 4. Fused-model inference latency", "", latency_section(latency), "",
                "![latency](latency.png)", ""]
