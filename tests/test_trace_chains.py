@@ -276,3 +276,31 @@ def test_instance_forward_calling_a_conv_is_seen():
     assert not report.fused
     assert [n.norm for n in report.left] == ["bn"]
     assert torch.equal(model(x), fused(x))
+
+
+# --- The one module walk the stages share -----------------------------------------
+
+
+def _aliased():
+    model = Wrap(nn.Sequential(*conv_bn(), nn.ReLU()))
+    model.alias = model.seq[1]  # one norm under two names
+    model.block = nn.Sequential(model.seq, nn.Identity())  # a whole subtree twice
+    model.seq.register_module("gap", None)
+    return model
+
+
+@pytest.mark.parametrize("make", [_aliased, lambda: build("mobilenet_v2"),
+                                  lambda: build("googlenet")])
+def test_module_index_is_named_modules(make):
+    from fusion.layers import ModuleIndex, alias_names
+
+    model = make()
+    index = ModuleIndex(model)
+    assert list(index.modules.items()) == list(model.named_modules())
+    assert index.names == {id(m): n for n, m in model.named_modules()}
+    assert index.aliases() == alias_names(model)
+    assert index.shared == (len(list(model.named_modules(remove_duplicate=False)))
+                            != len(index.modules))
+    for name in ("block.0.1", "alias"):
+        if hasattr(model, "alias"):
+            assert index.get(name) is model.get_submodule(name)
