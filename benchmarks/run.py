@@ -55,7 +55,7 @@ def steps(mode, raw):
           "--threads", *(["1"] if quick else ["1", "2"])] + out("fuse_time_synthetic")),
         ("memory", "bench_memory.py",
          ["--models", *zoo, *([big] if quick else ["synthetic-256MB", big]),
-          "--repeats", "1"] + out("memory")),
+          "--repeats", "3"] + out("memory")),
         ("throughput", "bench_throughput.py",
          ["--megabytes", "128" if quick else "256", "--threads", "1", "2",
           "--rounds", "3" if quick else "7",
