@@ -76,16 +76,7 @@ def _yolo():
 def build(yolo, name, cache_dir):
     """The calibrated model, cached as a pickled module in cache_dir (this run
     wrote it: loading it whole, weights_only=False, is safe)."""
-    path = os.path.join(cache_dir, f"yolo-{name}.pt") if cache_dir else None
-    if path and os.path.exists(path):
-        return torch.load(path, weights_only=False).eval()
-    model = yolo.build(name)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = path + f".{os.getpid()}.tmp"
-        torch.save(model, tmp)
-        os.replace(tmp, path)
-    return model
+    return common.cached_model(cache_dir, f"yolo-{name}.pt", lambda: yolo.build(name))
 
 
 def _ratio(a, b):

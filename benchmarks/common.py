@@ -223,16 +223,23 @@ def build_model(name, cache_dir=None):
     mb = parse_synthetic(name)
     if mb is not None:
         return synthetic_stack(mb)
-    path = os.path.join(cache_dir, f"{name}.pt") if cache_dir else None
+    return cached_model(cache_dir, f"{name}.pt", lambda: zoo.build(name)).eval()
+
+
+def cached_model(cache_dir, filename, make):
+    """``make()``, kept in ``cache_dir/filename`` as a pickled module and loaded
+    from there when a previous step of this run wrote it (so loading it whole,
+    weights_only=False, is safe); with no cache_dir, just ``make()``."""
+    path = os.path.join(cache_dir, filename) if cache_dir else None
     if path and os.path.exists(path):
         return torch.load(path, weights_only=False).eval()
-    model = zoo.build(name)
+    model = make()
     if path:
         os.makedirs(cache_dir, exist_ok=True)
         tmp = path + f".{os.getpid()}.tmp"
         torch.save(model, tmp)
         os.replace(tmp, path)
-    return model.eval()
+    return model
 
 
 def model_bytes(model):
