@@ -23,8 +23,8 @@ import torch
 from torch import fx, nn
 
 from .errors import FusionError
-from .layers import (ModuleIndex, alias_names, canonical_names, is_layer, is_norm_module,
-                     own_forward, tensors)
+from .layers import (ModuleIndex, alias_names, canonical_names, has_hooks, is_layer,
+                     is_norm_module, own_forward, tensors)
 
 __all__ = []
 
@@ -109,11 +109,6 @@ _GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
                  "_global_backward_hooks", "_global_backward_pre_hooks")
 
 
-def _has_hooks(module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
-
-
 class _LeafTracer(fx.Tracer):
     """Keeps tracked modules as single call_module nodes (FrozenBatchNorm2d and
     registered norms would otherwise be traced through).
@@ -151,7 +146,8 @@ class _LeafTracer(fx.Tracer):
             cls = type(m)
             chain = self._collapse and isinstance(m, nn.Sequential) and \
                 cls.forward is nn.Sequential.forward and cls.__iter__ is nn.Sequential.__iter__ \
-                and not own_forward(m) and not _has_hooks(m) and all(
+                and not own_forward(m) and has_hooks(m) is None \
+                and not getattr(m, "_backward_pre_hooks", None) and all(
                     c is not None and (self.is_leaf_module(c, "") or self.is_chain(c))
                     for c in children)
             self.chains[id(m)] = chain
