@@ -1619,6 +1619,39 @@ test_overflow(void)
     }
 }
 
+/* With the norm after the layer, check first bounds the whole weight at once
+ * (the largest |weight| times the largest |scale|) and reads block by block
+ * only when that bound does not fit. Here it does not (30000 * 2.5 > 65504),
+ * but each channel does: 30000 * 1 and 1 * 2.5. The fold must go through,
+ * with the same values as ever; and the fault in the second case, which the
+ * bound cannot place, is still reported at its channel. */
+static void
+test_whole_weight_bound(void)
+{
+    for (int over = 0; over < 2; over++) {
+        snprintf(g_context, sizeof g_context, "bound, overflow %d", over);
+        fold_case c;
+        simple_case(&c, FUSION_DTYPE_F16, MAP_AFTER_AXIS0, 2, 3, 2);
+        fixture f;
+        fixture_make(&f, &c);
+        fill_all(&f.bias_in, 0.0);
+        set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 2, 1.0, 0.0, 0.0);
+        tensor_set(&f.gamma, 1, 2.5);
+        for (int64_t i = 0; i < 6; i++) {
+            tensor_set(&f.w, i, 30000.0);       /* channel 0 */
+            tensor_set(&f.w, 6 + i, over ? 30000.0 : 1.0); /* channel 1 */
+        }
+        if (over) {
+            expect_failure(&f, FUSION_E_OVERFLOW, "layer weight", 6);
+        }
+        else if (check_and_apply(&f, "bound")) {
+            CHECK(tensor_get(&f.w, 0) == 30000.0 && tensor_get(&f.w, 11) == 2.5,
+                  "weights %g, %g", tensor_get(&f.w, 0), tensor_get(&f.w, 11));
+        }
+        fixture_free(&f);
+    }
+}
+
 static void
 test_shapes_and_arguments(void)
 {
@@ -2529,6 +2562,7 @@ main(int argc, char **argv)
         run("nonfinite", test_nonfinite);
         run("variance", test_variance);
         run("overflow", test_overflow);
+        run("whole-weight bound", test_whole_weight_bound);
         run("shapes and arguments", test_shapes_and_arguments);
         run("bounds", test_bounds);
         run("degenerate views", test_degenerate_views);
