@@ -1,6 +1,7 @@
 """The public entry points: fuse, analyze, fuse_conv_and_bn, apply_plan."""
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import sys
@@ -48,7 +49,9 @@ _INFERENCE_NOTE = ("fused under torch.inference_mode(): the tensors fusion made 
                    "ordinary model")
 
 
-def _check_model(model, name="model"):
+def _check_model(model, name="model") -> ModuleIndex:
+    """Raises TypeError or FusionError for a model fusion cannot fuse; returns
+    the model's :class:`ModuleIndex`, made in checking it."""
     if not isinstance(model, nn.Module):
         hint = ""
         if isinstance(model, (list, tuple)):
@@ -68,7 +71,8 @@ def _check_model(model, name="model"):
     fake = getattr(sys.modules.get("torch._subclasses.fake_tensor"), "FakeTensor", None)
     compiled = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
     graphs = False
-    for qualname, m in model.named_modules():
+    index = ModuleIndex(model)
+    for qualname, m in index.modules.items():
         if compiled is not None and isinstance(m, compiled):
             _refuse_compiled(qualname or ROOT)
         if fake is not None:
@@ -76,13 +80,17 @@ def _check_model(model, name="model"):
         graphs = graphs or isinstance(m, torch.fx.GraphModule)
     if graphs:
         _refuse_exported(model)
+    return index
+
+
+_PLAIN = (torch.Tensor, nn.Parameter, type(None))
 
 
 def _refuse_fake(qualname, module, fake):
     """Fake tensors have no values; refused before the model is copied or traced
     (tracing a copy of a fake model can crash torch 2.14 when it is collected)."""
-    for what, t in list(module._parameters.items()) + list(module._buffers.items()):
-        if isinstance(t, fake):
+    for what, t in itertools.chain(module._parameters.items(), module._buffers.items()):
+        if type(t) not in _PLAIN and isinstance(t, fake):
             raise FusionError(
                 f"{qualname}: {what} is a FakeTensor, not a plain tensor (made under a "
                 f"FakeTensorMode), so it has no values fusion can fold or write. Build "
@@ -381,11 +389,14 @@ def _account(report: FusionReport, prepared: List[rewrite.Prepared],
             if id(norm) in seen:
                 continue
             seen.add(id(norm))
-            for n, t in norm.named_parameters(recurse=False):
-                report.removed_parameters[f"{name}.{n}"] = t.numel()
-            for n, t in norm.named_buffers(recurse=False):
-                if t is not None:
-                    report.removed_buffers[f"{name}.{n}"] = t.numel()
+            # named_parameters/named_buffers(recurse=False): each tensor once
+            for held, out in ((norm._parameters, report.removed_parameters),
+                              (norm._buffers, report.removed_buffers)):
+                counted = set()
+                for n, t in held.items():
+                    if t is not None and id(t) not in counted:
+                        counted.add(id(t))
+                        out[f"{name}.{n}"] = t.numel()
 
 
 def _report(model, stages: "_Stages") -> FusionReport:
@@ -525,7 +536,7 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
         FusionError: bad input, named by layer; or verification failed, or
             ``strict`` found norms left. The model is left as it was.
     """
-    _check_model(model)
+    checked = _check_model(model)
     inner = _wrapped(model)
     if inner is not None:
         return _fuse_wrapped(model, inner, dict(
@@ -534,9 +545,11 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
     args, verify = _check_options(example_inputs, verify, rtol)
     target = model if inplace else _copy(model)
     with classifying():
-        index = ModuleIndex(target)  # one walk, for every stage until the write
+        # one walk, for every stage until the write
+        index = checked if inplace else ModuleIndex(target)
         with _training_restored_on_error(index.modules.values(), inplace) as was_training:
-            target.eval()
+            if was_training:  # (eval() of a model wholly in eval mode changes nothing)
+                target.eval()
             evidence = _discover(target, args, fixed_shapes, index)
             plan = make_plan(target, evidence.flows, index)
             preparation = rewrite.prepare(target, plan.folds, index)
@@ -577,17 +590,17 @@ def analyze(model, *, example_inputs=None, fixed_shapes=False):
     Returns:
         A :class:`FusionReport` with ``dry_run=True``.
     """
-    _check_model(model)
+    index = _check_model(model)
     inner = _wrapped(model)
     if inner is not None:
         return _prefixed(analyze(inner, example_inputs=example_inputs,
                                  fixed_shapes=fixed_shapes), _WRAPPED)
     args = _as_args(example_inputs)
     with classifying():
-        index = ModuleIndex(model)
         flags = {m: m.training for m in index.modules.values()}
         try:
-            model.eval()
+            if any(flags.values()):
+                model.eval()
             evidence = _discover(model, args, fixed_shapes, index)
             plan = make_plan(model, evidence.flows, index)
             preparation = rewrite.prepare(model, plan.folds, index)

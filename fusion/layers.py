@@ -487,10 +487,11 @@ def alias_names(model) -> Dict[int, List[str]]:
     return out
 
 
-def replace_module(model, name: str, new: nn.Module):
-    """Puts ``new`` at the qualified name ``name`` (from ``named_modules()``)."""
+def replace_module(model, name: str, new: nn.Module, get=None):
+    """Puts ``new`` at the qualified name ``name`` (from ``named_modules()``).
+    ``get``: name -> module (a :meth:`ModuleIndex.get`), for the parent."""
     parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent), attr, new)
+    setattr((get or model.get_submodule)(parent), attr, new)
 
 
 def tensors(obj, depth=0) -> Iterator[torch.Tensor]:

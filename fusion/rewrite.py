@@ -277,8 +277,9 @@ def replacements(model, prepared: List[Prepared],
     return out
 
 
-def _write_steps(model, prepared: List[Prepared], replaced: List[Replaced]):
-    """Every change ``write`` makes, in order, as a callable each."""
+def _write_steps(model, prepared: List[Prepared], replaced: List[Replaced], get=None):
+    """Every change ``write`` makes, in order, as a callable each. ``get``: name
+    -> module, for the norms' parents (which the write does not replace)."""
     steps = []
     for p in prepared:
         steps.append(p.handle.apply)
@@ -288,7 +289,7 @@ def _write_steps(model, prepared: List[Prepared], replaced: List[Replaced]):
         if p.install_bias is not None:
             steps.append(lambda p=p: setattr(p.layer, "bias", p.install_bias))
     for r in replaced:
-        steps.append(lambda r=r: replace_module(model, r.name, r.new))
+        steps.append(lambda r=r: replace_module(model, r.name, r.new, get))
     return steps
 
 
@@ -340,7 +341,7 @@ def write(model, prepared: List[Prepared],
 
     Returns every (name, norm) replaced."""
     replaced = replacements(model, prepared, index)
-    steps = _write_steps(model, prepared, replaced)
+    steps = _write_steps(model, prepared, replaced, index.get if index is not None else None)
     with torch.no_grad(), _sigint_held():
         _run_every(steps)
     return replaced
