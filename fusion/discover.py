@@ -14,6 +14,7 @@ Three sources, from strongest to weakest:
 Each source yields a :class:`Flow`: for every call of every layer and norm,
 which call produced its sole input, and who else used its output.
 """
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Dict, List, Optional, Set
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import FusionError
 from .layers import (ModuleIndex, alias_names, canonical_names, has_hooks, is_layer,
@@ -109,6 +111,104 @@ _GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
                  "_global_backward_hooks", "_global_backward_pre_hooks")
 
 
+class _Node:
+    """One traced operation: as much of an ``fx.Node`` as :func:`flow_from_fx`
+    reads (``op``, ``target``, ``args``, ``kwargs``, ``users``) and fx's Proxy
+    touches (``name``, ``meta``), without fx.Graph's naming, lookup tables and
+    argument maps, which nothing here reads. ``users`` is as fx fills it: each
+    node whose arguments hold this one, once."""
+
+    __slots__ = ("op", "target", "args", "kwargs", "users", "name", "meta", "type",
+                 "stack_trace")
+
+    def __init__(self, op, target, args, kwargs, name=None, type_expr=None):
+        self.op, self.target, self.args, self.kwargs = op, target, args, kwargs
+        self.name = name if name is not None else op
+        self.type, self.meta, self.stack_trace = type_expr, {}, None
+        self.users: Dict["_Node", None] = {}
+        _link(args, self)
+        _link(kwargs, self)
+
+    def __repr__(self):
+        return f"{self.op}[{self.target}]"
+
+    def __deepcopy__(self, memo):
+        # A Proxy that a forward kept (a cache on the module) is copied with the
+        # model; its node is a record of the trace, shared, not copied node by
+        # node through every user (which would recurse past Python's limit).
+        return self
+
+
+def _link(arg, user):
+    """Adds ``user`` to the users of every node inside ``arg`` (fx's map_arg:
+    through tuples, lists, dict values and slices)."""
+    if type(arg) is _Node:
+        arg.users[user] = None
+    elif isinstance(arg, (tuple, list)):
+        for a in arg:
+            _link(a, user)
+    elif isinstance(arg, dict):
+        for a in arg.values():
+            _link(a, user)
+    elif isinstance(arg, slice):
+        _link(arg.start, user)
+        _link(arg.stop, user)
+        _link(arg.step, user)
+
+
+#: What a traced operation's arguments hold where they hold another's output.
+_NODES = (_Node, fx.Node)
+
+
+def _tensor_keys(t):
+    """Keys that find ``t`` among the model's tensors: its id and, for a dense
+    tensor with elements, the address of its storage (which its views share)."""
+    yield ("id", id(t))
+    try:
+        if t.device.type != "meta" and not t.is_sparse and not t.is_quantized and t.numel():
+            yield (t.device.type, t.data_ptr() - t.storage_offset() * t.element_size())
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+        pass
+
+
+def _real_tensors(obj):
+    """The tensors in a torch function's arguments (through tuples, lists and
+    dict values); a Proxy is not one."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _real_tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _real_tensors(o)
+
+
+class _TensorReads(TorchFunctionMode):
+    """While a :class:`_LeafTracer` traces: every torch function called on a
+    real tensor that is (or views) a module's parameter or buffer adds that
+    module to the tracer's ``read``."""
+
+    def __init__(self, tracer):
+        super().__init__()
+        self.tracer = tracer
+        self.thread = threading.get_ident()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        tracer = self.tracer
+        if not tracer._internal and threading.get_ident() == self.thread:
+            for t in _real_tensors((args, kwargs)):
+                owner = tracer._owner(t)
+                if owner is not None:
+                    tracer.read.add(owner)
+        return func(*args, **(kwargs or {}))
+
+
+def _tensor_constant():
+    """The target of a node for a tensor made while tracing (``torch.ones(1)``
+    in a forward): fx would store it on the model as ``_tensor_constantN``."""
+
+
 class _LeafTracer(fx.Tracer):
     """Keeps tracked modules as single call_module nodes (FrozenBatchNorm2d and
     registered norms would otherwise be traced through).
@@ -121,14 +221,81 @@ class _LeafTracer(fx.Tracer):
     other node; :func:`flow_from_fx` expands the chain's node into exactly
     those calls, so the flow is the same, from fewer nodes. Everything else
     is as ``fx.Tracer`` traces it, less the nodes' debugging metadata (module
-    scopes and stacks), which nothing here reads."""
+    scopes and stacks), which nothing here reads, and with three differences:
 
-    def __init__(self, model, collapse=True):
+    * the operations are :class:`_Node` objects in ``nodes`` (``fx_graph=True``:
+      fx.Node objects in the returned fx.Graph, as torch.fx makes them);
+    * a tensor made while tracing is a node of its own, where fx stores it on
+      the model as an attribute (``_tensor_constant0``): the model is left as
+      it was;
+    * the modules whose tensors the traced code reads where fx sees no
+      parameter are in ``read``, by name: a buffer read from its module
+      (``self.bn.running_var``, which fx hands over as a plain tensor, or not at
+      all when only Python reads it), a constant that is, or views, a module's
+      parameter or buffer (``self.held[0].view(-1)``), and any torch function
+      called on one (``self.held[0].mean()``, which fx runs for real and
+      bakes into the graph as a constant)."""
+
+    def __init__(self, model, collapse=True, index: Optional[ModuleIndex] = None,
+                 fx_graph=False):
         super().__init__()
         self._leaf: Dict[int, bool] = {}
         self.chains: Dict[int, bool] = {}
+        self.gates: Dict[int, Optional[List[nn.Module]]] = {}
+        self.squeezes: Dict[int, bool] = {}  # a gate's -> it squeezes with an op
         self._collapse = collapse and not any(
             getattr(torch.nn.modules.module, h, None) for h in _GLOBAL_HOOKS)
+        self._index = index
+        self._fx_graph = fx_graph
+        self._owners: Optional[Dict[tuple, str]] = None  # made on the first need
+        self._internal = False  # in the tracer's own checks, not the traced code
+        self.nodes: list = []
+        self.read: Set[str] = set()
+
+    def trace(self, root, concrete_args=None):
+        self.nodes = []
+        try:
+            with _TensorReads(self):
+                graph = super().trace(root, concrete_args)
+        finally:
+            # A forward can keep a Proxy (a cache on the module); what it keeps
+            # of the tracer is not to hold the model's modules once more.
+            self._index = self._owners = None
+        if self._fx_graph:
+            self.nodes = list(graph.nodes)
+        return graph
+
+    def _owner(self, t) -> Optional[str]:
+        """The name of the module whose parameter or buffer ``t`` is, or views
+        (shares storage with); None for any other tensor."""
+        was, self._internal = self._internal, True  # reading sizes is a torch function
+        try:
+            return self._find_owner(t)
+        finally:
+            self._internal = was
+
+    def _find_owner(self, t) -> Optional[str]:
+        if self._owners is None:
+            self._owners = {}
+            for name, m in (self._index or ModuleIndex(self.root)).modules.items():
+                for held in (m._parameters, m._buffers):
+                    for b in held.values():
+                        if b is not None:
+                            for key in _tensor_keys(b):
+                                self._owners.setdefault(key, name)
+        for key in _tensor_keys(t):
+            owner = self._owners.get(key)
+            if owner is not None:
+                return owner
+        return None
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if not self._internal and isinstance(attr_val, torch.Tensor) and \
+                not isinstance(attr_val, nn.Parameter):
+            owner = self._owner(attr_val)
+            if owner is not None:
+                self.read.add(owner)
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m, qualname):
         leaf = self._leaf.get(id(m))
@@ -139,23 +306,61 @@ class _LeafTracer(fx.Tracer):
         return leaf
 
     def is_chain(self, m) -> bool:
-        """A module whose call :func:`flow_from_fx` can expand (see the class)."""
+        """A module whose call :func:`flow_from_fx` can expand (see the class):
+        a chain, or a gate (see :meth:`gate_children`)."""
         chain = self.chains.get(id(m))
         if chain is None:
-            children = list(m._modules.values())
-            cls = type(m)
-            chain = self._collapse and isinstance(m, nn.Sequential) and \
-                cls.forward is nn.Sequential.forward and cls.__iter__ is nn.Sequential.__iter__ \
-                and not own_forward(m) and has_hooks(m) is None \
-                and not getattr(m, "_backward_pre_hooks", None) and all(
-                    c is not None and (self.is_leaf_module(c, "") or self.is_chain(c))
-                    for c in children)
-            self.chains[id(m)] = chain
+            chain = self.chains[id(m)] = self._collapse and not own_forward(m) and \
+                has_hooks(m) is None and not getattr(m, "_backward_pre_hooks", None) and (
+                    self._is_sequential_chain(m) or self.gate_children(m) is not None)
         return chain
+
+    def _is_sequential_chain(self, m) -> bool:
+        cls = type(m)
+        return isinstance(m, nn.Sequential) and cls.forward is nn.Sequential.forward and \
+            cls.__iter__ is nn.Sequential.__iter__ and all(
+                c is not None and self._expandable(c) for c in m._modules.values())
+
+    def _expandable(self, child) -> bool:
+        return self.is_leaf_module(child, "") or self.is_chain(child)
+
+    def gate_children(self, m) -> Optional[List[nn.Module]]:
+        """The children of a *gate*, in the order its forward runs them, or None.
+
+        A gate computes ``x * f(x)``, where ``f`` runs its children one after
+        the other, each on the previous one's output alone (after, in timm's,
+        an op on ``x`` that the flow does not track); its class is one whose
+        forward is known to do exactly that (see :func:`_known_gates`), and it
+        keeps that forward (and, in a subclass, adds no class attribute of
+        those names). Each child is a leaf or a
+        chain, and one at least is not a pass-through, so ``f(x)`` is not ``x``.
+        (Hooks and instance forwards are ruled out by :meth:`is_chain`.)"""
+        gate = self.gates.get(id(m), False)
+        if gate is False:
+            gate = self.gates[id(m)] = self._gate_children(m)
+        return gate
+
+    def _gate_children(self, m) -> Optional[List[nn.Module]]:
+        known = _known_gate(type(m))
+        if known is None or any(n in vars(m) for n in known.methods) or \
+                not known.holds(m):
+            return None
+        children = [m._modules.get(n) for n in known.children]
+        if any(c is None or not self._expandable(c) for c in children) or (
+                not known.squeeze and all(_passes_through(c) for c in children)):
+            return None
+        self.squeezes[id(m)] = known.squeeze
+        return children
 
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)  # raises NameError for a module not in the model
-        if self.is_leaf_module(m, name) or (len(args) == 1 and not kwargs and self.is_chain(m)):
+        was, self._internal = self._internal, True
+        try:
+            short = self.is_leaf_module(m, name) or (
+                len(args) == 1 and not kwargs and self.is_chain(m))
+        finally:
+            self._internal = was
+        if short:
             return self.create_proxy("call_module", name, args, kwargs)
         return forward(*args, **kwargs)
 
@@ -168,23 +373,89 @@ class _LeafTracer(fx.Tracer):
             return tuple(x.node for x in a)
         if type(a) is dict and not a:
             return {}
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter):
+            was, self._internal = self._internal, True  # hashing it is a torch function
+            try:
+                constant = a not in self.tensor_attrs
+            finally:
+                self._internal = was
+            if constant:
+                owner = self._owner(a)
+                if owner is not None:
+                    self.read.add(owner)
+                return self.create_node("call_function", _tensor_constant, (), {})
         return super().create_arg(a)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
-        if kind == "call_function" and self.check_mutable_operations:
-            return super().create_node(kind, target, args, kwargs, name, type_expr)
-        return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        if self._fx_graph:
+            return self.graph.create_node(kind, target, args, kwargs, name, type_expr)
+        # A name of its own, as fx gives (a forward may key a cache on str(proxy)).
+        node = _Node(kind, target, args, kwargs, f"{name or kind}_{len(self.nodes)}",
+                     type_expr)
+        self.nodes.append(node)
+        return node
 
 
 def chain_children(tracer, module) -> List[nn.Module]:
-    """The leaves a chain's call runs, in order, nested chains expanded."""
+    """The leaves and gates a chain's call runs, in order, nested chains
+    expanded (a gate's call is the gate alone)."""
+    if tracer.gates.get(id(module)):
+        return [module]
     out = []
     for child in module._modules.values():
-        if tracer.chains.get(id(child)):
+        if tracer.chains.get(id(child)) and not tracer.gates.get(id(child)):
             out.extend(chain_children(tracer, child))
         else:
             out.append(child)
     return out
+
+
+class _KnownGate:
+    """A gate class (see :meth:`_LeafTracer.gate_children`): the children its
+    forward runs, in order; the methods that forward consists of; whether it
+    first squeezes its input with an op the flow does not track (timm's
+    ``x.mean((2, 3), keepdim=True)``) rather than a child; and what else an
+    instance must hold for its forward to be the known one."""
+
+    def __init__(self, cls, children, methods, squeeze=False, holds=None):
+        self.cls, self.children, self.methods = cls, children, methods
+        self.functions = {n: getattr(cls, n) for n in methods}
+        self.squeeze = squeeze
+        self.holds = holds or (lambda m: True)
+
+
+def _known_gates() -> List[_KnownGate]:
+    """The gate classes of the libraries loaded (none is imported to find out),
+    each read against the forward of the versions tested."""
+    out = []
+    se = getattr(sys.modules.get("torchvision.ops.misc"), "SqueezeExcitation", None)
+    if isinstance(se, type):
+        out.append(_KnownGate(se, ("avgpool", "fc1", "activation", "fc2",
+                                   "scale_activation"), ("forward", "_scale")))
+    # timm: x * gate(...(x.mean((2, 3), keepdim=True))), the EfficientNet
+    # family's SqueezeExcite and the ResNet family's SEModule (without its
+    # experimental max pool, which reads x a third time).
+    se = getattr(sys.modules.get("timm.models._efficientnet_blocks"), "SqueezeExcite", None)
+    if isinstance(se, type):
+        out.append(_KnownGate(se, ("conv_reduce", "act1", "conv_expand", "gate"),
+                              ("forward",), squeeze=True))
+    se = getattr(sys.modules.get("timm.layers.squeeze_excite"), "SEModule", None)
+    if isinstance(se, type):
+        out.append(_KnownGate(se, ("fc1", "bn", "act", "fc2", "gate"), ("forward",),
+                              squeeze=True,
+                              holds=lambda m: vars(m).get("add_maxpool", True) is False))
+    return out
+
+
+def _known_gate(cls) -> Optional[_KnownGate]:
+    for known in _known_gates():
+        if issubclass(cls, known.cls) and \
+                all(getattr(cls, n) is f for n, f in known.functions.items()) and \
+                cls.__getattr__ is nn.Module.__getattr__ and \
+                not any(n in vars(k) for k in cls.__mro__ if k is not known.cls
+                        for n in known.children + ("add_maxpool",)):
+            return known
+    return None
 
 
 # Modules and functions whose output has the rank of their (first) input.
@@ -212,7 +483,7 @@ def _proven_rank(node, modules, rank) -> Optional[int]:
     end, and after ``view``/``reshape`` to two sizes; a Linear, a BatchNorm1d or
     an elementwise activation keeps its input's rank."""
     def of(arg):
-        return rank.get(arg) if isinstance(arg, fx.Node) else None
+        return rank.get(arg) if isinstance(arg, _NODES) else None
 
     args = node.args
     if node.op == "call_module":
@@ -236,58 +507,88 @@ def _proven_rank(node, modules, rank) -> Optional[int]:
 #: What a chain's first child is to the users of the chain's input: the Call
 #: that consumes it, or this (a module the flow does not track).
 _UNTRACKED = object()
+#: In expanding a chain: the value is the chain's input.
+_ENTRY = object()
 
 
-def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None) -> Flow:
+def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None,
+                 fx_graph=False) -> Flow:
     """Traces ``model`` with torch.fx. Raises whatever tracing raises.
 
-    ``collapse=False`` traces through every chain (see :class:`_LeafTracer`);
-    the flow is the same, from a larger graph. ``index``: the model's
-    :class:`ModuleIndex`, if the caller has one."""
-    tracer = _LeafTracer(model, collapse)
-    with MODEL_LOCK:
-        graph = tracer.trace(model)
+    ``collapse=False`` traces through every chain, and ``fx_graph=True`` builds
+    an fx.Graph (see :class:`_LeafTracer`); the flow is the same either way.
+    ``index``: the model's :class:`ModuleIndex`, if the caller has one."""
     index = index or ModuleIndex(model)
     modules, names = index.modules, index.names
+    tracer = _LeafTracer(model, collapse, index, fx_graph)
+    with MODEL_LOCK:
+        tracer.trace(model)
     flow = Flow("fx")
-    by_node: Dict[fx.Node, Call] = {}
-    entry: Dict[fx.Node, object] = {}  # a chain's node -> its first child's Call
-    rank: Dict[fx.Node, int] = {}
-    through: Dict[fx.Node, fx.Node] = {}  # a pass-through module's node -> its input's
+    by_node: Dict[_Node, Call] = {}
+    entry: Dict[_Node, list] = {}  # a chain's node -> the Calls that use its input
+    rank: Dict[_Node, int] = {}
+    through: Dict[_Node, _Node] = {}  # a pass-through module's node -> its input's
 
     def value(arg):
-        return through.get(arg, arg) if isinstance(arg, fx.Node) else arg
+        return through.get(arg, arg) if isinstance(arg, _NODES) else arg
 
     def chain(node, module):
-        """The calls of a chain's children, linked as tracing through it links them."""
+        """The calls of a chain's (or gate's) children, linked as tracing
+        through it links them."""
         arg = node.args[0]
-        prev = by_node.get(value(arg)) if isinstance(arg, fx.Node) else None
-        r = rank.get(arg) if isinstance(arg, fx.Node) else None
-        first, last = True, None
-        for child in chain_children(tracer, module):
-            in_rank, r = r, _module_rank(child, r)
-            if _passes_through(child):
-                continue
-            call = flow.add(Call(names[id(child)], in_ndim=in_rank)) \
-                if is_interesting(child) else None
-            if first:
-                entry[node] = _UNTRACKED if call is None else call
-                if call is not None:
-                    call.src = prev
-            elif last is not None:
-                last.users.append(OTHER if call is None else call)
-                if call is not None:
-                    call.src = last
-            first, last = False, call
+        prev = by_node.get(value(arg)) if isinstance(arg, _NODES) else None
+        state = [_ENTRY, rank.get(arg) if isinstance(arg, _NODES) else None]
+
+        def use(cur, consumer):
+            """``consumer`` (a Call, or None for an untracked op) uses ``cur``."""
+            if cur is _ENTRY:
+                entry.setdefault(node, []).append(_UNTRACKED if consumer is None else consumer)
+                if consumer is not None:
+                    consumer.src = prev
+            elif cur is not None:
+                cur.users.append(OTHER if consumer is None else consumer)
+                if consumer is not None:
+                    consumer.src = cur
+
+        def run(children):
+            for child in children:
+                inner = tracer.gates.get(id(child))
+                if inner:  # x * f(x): f's children on x, then one op on both
+                    x = state[0]
+                    if tracer.squeezes[id(child)]:  # f starts with an op on x
+                        use(x, None)
+                        state[:] = [None, None]
+                    run(chain_children_of(inner))
+                    use(state[0], None)
+                    use(x, None)
+                    state[:] = [None, None]
+                    continue
+                cur, r = state
+                state[1] = _module_rank(child, r)
+                if _passes_through(child):
+                    continue
+                call = flow.add(Call(names[id(child)], in_ndim=r)) \
+                    if is_interesting(child) else None
+                use(cur, call)
+                state[0] = call
+
+        def chain_children_of(children):
+            out = []
+            for c in children:
+                out.extend(chain_children(tracer, c) if tracer.chains.get(id(c)) else [c])
+            return out
+
+        run(chain_children(tracer, module))
+        cur, r = state
         if r is not None:
             rank[node] = r
-        if first:  # every child passes its input through
-            if isinstance(arg, fx.Node):
+        if cur is _ENTRY:  # every child passes its input through
+            if isinstance(arg, _NODES):
                 through[node] = value(arg)
-        elif last is not None:
-            by_node[node] = last
+        elif cur is not None:
+            by_node[node] = cur
 
-    for node in graph.nodes:
+    for node in tracer.nodes:
         if node.op == "call_module" and tracer.chains.get(id(modules[node.target])):
             chain(node, modules[node.target])
             continue
@@ -304,16 +605,16 @@ def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None) -> F
         elif node.op == "call_module":
             module = modules[node.target]
             if _passes_through(module) and len(node.args) == 1 and not node.kwargs and \
-                    isinstance(node.args[0], fx.Node):
+                    isinstance(node.args[0], _NODES):
                 through[node] = value(node.args[0])
                 continue
             if not is_interesting(module):
                 continue
             call = flow.add(Call(names[id(module)]))
-            if node.args and isinstance(node.args[0], fx.Node):
+            if node.args and isinstance(node.args[0], _NODES):
                 call.in_ndim = rank.get(node.args[0])
             by_node[node] = call
-            if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node):
+            if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], _NODES):
                 src = by_node.get(value(node.args[0]))
                 if src is not None:
                     call.src = src
@@ -327,6 +628,9 @@ def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None) -> F
                     continue
             if is_interesting(module):
                 flow.escaped.add(names[id(module)])
+    for owner in tracer.read:  # a module's buffer read by the traced code
+        if is_interesting(modules[owner]):
+            flow.escaped.add(names[id(modules[owner])])
 
     def uses(node):
         """(user, the node it uses) of ``node``'s value, through pass-throughs."""
@@ -338,12 +642,12 @@ def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None) -> F
 
     for node, call in by_node.items():
         for user, used in uses(node):
-            consumer = entry.get(user) or by_node.get(user)
-            if isinstance(consumer, Call) and (consumer.src is call or (
-                    isinstance(consumer, Cat) and call in consumer.parts)):
-                call.users.append(consumer)
-            elif not _fx_shape_only(user, used):
-                call.users.append(OTHER)
+            for consumer in entry.get(user) or (by_node.get(user),):
+                if isinstance(consumer, Call) and (consumer.src is call or (
+                        isinstance(consumer, Cat) and call in consumer.parts)):
+                    call.users.append(consumer)
+                elif not _fx_shape_only(user, used):
+                    call.users.append(OTHER)
     return flow
 
 
@@ -363,7 +667,7 @@ def _fx_leading_flatten(node) -> bool:
     (whether it leaves two dims is the plan's to prove, from the norm's rank)."""
     method = node.op == "call_method" and node.target == "flatten"
     function = node.op == "call_function" and node.target is torch.flatten
-    if not (method or function) or not node.args or not isinstance(node.args[0], fx.Node):
+    if not (method or function) or not node.args or not isinstance(node.args[0], _NODES):
         return False
     args, kwargs = node.args, node.kwargs
     start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
@@ -393,7 +697,7 @@ def _fx_cat(node, by_node, value) -> Optional[Cat]:
     if set(kwargs) - {"tensors", "dim"} or not isinstance(parts, (list, tuple)) or dim != 1:
         return None
     parts = [value(p) for p in parts]
-    if len(parts) < 2 or not all(isinstance(p, fx.Node) and p in by_node and
+    if len(parts) < 2 or not all(isinstance(p, _NODES) and p in by_node and
                                  not isinstance(by_node[p], (Cat, View)) for p in parts):
         return None
     if len(set(parts)) != len(parts):
@@ -589,8 +893,6 @@ def flow_from_run(model, example_inputs):
     (eval); the run is under ``torch.no_grad()``.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from torch.overrides import TorchFunctionMode
 
     rec = _Recorder(model)
 
