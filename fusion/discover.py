@@ -14,14 +14,18 @@ Three sources, from strongest to weakest:
 Each source yields a :class:`Flow`: for every call of every layer and norm,
 which call produced its sole input, and who else used its output.
 """
+import contextlib
+import functools
 import sys
 import threading
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
 import torch
 from torch import fx, nn
+from torch.fx import _symbolic_trace
 from torch.overrides import TorchFunctionMode
 
 from .errors import FusionError
@@ -204,6 +208,42 @@ class _TensorReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+#: The torch.fx internals ``_LeafTracer._trace_module`` calls (torch 1.13 to 2.14);
+#: without any of them, fx's own ``trace`` runs.
+_FX_INTERNALS = all(hasattr(_symbolic_trace, n) for n in (
+    "_orig_module_call", "_orig_module_getattr", "_autowrap_check",
+    "_patch_wrapped_functions")) and (
+    hasattr(_symbolic_trace, "_new_patcher") or hasattr(_symbolic_trace, "_Patcher")) and (
+    hasattr(_symbolic_trace, "_set_is_fx_tracing") or
+    hasattr(_symbolic_trace, "_is_fx_tracing_flag")) and \
+    hasattr(fx.Tracer(), "_autowrap_search")
+
+
+def _fx_patcher():
+    """torch.fx's patcher context (torch 2 tracks the current one)."""
+    return getattr(_symbolic_trace, "_new_patcher", None) or _symbolic_trace._Patcher
+
+
+@contextlib.contextmanager
+def _fx_tracing():
+    """torch.fx's "tracing now" flag, set for the block (is_fx_tracing())."""
+    st = _symbolic_trace
+    if hasattr(st, "_set_is_fx_tracing"):
+        old = st._get_is_fx_tracing()
+        st._set_is_fx_tracing(True)
+        try:
+            yield
+        finally:
+            st._set_is_fx_tracing(old)
+    else:
+        old = st._is_fx_tracing_flag
+        st._is_fx_tracing_flag = True
+        try:
+            yield
+        finally:
+            st._is_fx_tracing_flag = old
+
+
 def _tensor_constant():
     """The target of a node for a tensor made while tracing (``torch.ones(1)``
     in a forward): fx would store it on the model as ``_tensor_constantN``."""
@@ -240,8 +280,10 @@ class _LeafTracer(fx.Tracer):
                  fx_graph=False):
         super().__init__()
         self._leaf: Dict[int, bool] = {}
+        self._leaf_class: Dict[type, bool] = {}
         self.chains: Dict[int, bool] = {}
         self.gates: Dict[int, Optional[List[nn.Module]]] = {}
+        self.residuals: Dict[int, Optional[tuple]] = {}
         self.squeezes: Dict[int, bool] = {}  # a gate's -> it squeezes with an op
         self._collapse = collapse and not any(
             getattr(torch.nn.modules.module, h, None) for h in _GLOBAL_HOOKS)
@@ -256,7 +298,13 @@ class _LeafTracer(fx.Tracer):
         self.nodes = []
         try:
             with _TensorReads(self):
-                graph = super().trace(root, concrete_args)
+                if self._fx_graph or not _FX_INTERNALS or not isinstance(root, nn.Module) or \
+                        isinstance(root, fx.GraphModule) or \
+                        not isinstance(getattr(type(root), self.traced_func_name, None),
+                                       types.FunctionType):
+                    graph = super().trace(root, concrete_args)
+                else:
+                    graph = self._trace_module(root, concrete_args)
         finally:
             # A forward can keep a Proxy (a cache on the module); what it keeps
             # of the tracer is not to hold the model's modules once more.
@@ -264,6 +312,78 @@ class _LeafTracer(fx.Tracer):
         if self._fx_graph:
             self.nodes = list(graph.nodes)
         return graph
+
+    def _trace_module(self, root, concrete_args):
+        """``fx.Tracer.trace`` of a module, step for step as torch 1.13 to 2.14
+        write it, less two walks of the whole model made up front: the module
+        paths come from the :class:`ModuleIndex`, and the tensor attributes,
+        which only a tensor argument's lookup reads, are collected on the first
+        lookup (see :attr:`tensor_attrs`). ``fx_graph=True`` traces with fx's
+        own ``trace``, and the tests compare the two."""
+        st = _symbolic_trace
+        with _fx_tracing():
+            self.root = root
+            fn = getattr(type(root), self.traced_func_name)
+            self.root_module_name = root._get_name()
+            index = self._index or ModuleIndex(root)
+            self.submodule_paths = {m: name for name, m in index.modules.items()}
+            self.graph = fx.Graph(tracer_cls=type(self))
+            self.__dict__["_tensor_attrs"] = None
+            fn_globals = fn.__globals__  # before it is patched
+            fn, args = self.create_args_for_root(fn, True, concrete_args)
+            parameter_proxy_cache: Dict[str, fx.Proxy] = {}
+
+            @functools.wraps(st._orig_module_getattr)
+            def module_getattr_wrapper(mod, attr):
+                attr_val = st._orig_module_getattr(mod, attr)
+                return self.getattr(attr, attr_val, parameter_proxy_cache)
+
+            @functools.wraps(st._orig_module_call)
+            def module_call_wrapper(mod, *args, **kwargs):
+                def forward(*args, **kwargs):
+                    return st._orig_module_call(mod, *args, **kwargs)
+
+                st._autowrap_check(patcher, getattr(getattr(mod, "forward", mod),
+                                                    "__globals__", {}),
+                                   self._autowrap_function_ids)
+                return self.call_module(mod, forward, args, kwargs)
+
+            with _fx_patcher()() as patcher:
+                patcher.patch_method(nn.Module, "__getattr__", module_getattr_wrapper,
+                                     deduplicate=False)
+                patcher.patch_method(nn.Module, "__call__", module_call_wrapper,
+                                     deduplicate=False)
+                st._patch_wrapped_functions(patcher)
+                st._autowrap_check(patcher, fn_globals, self._autowrap_function_ids)
+                for module in self._autowrap_search:
+                    st._autowrap_check(patcher, module.__dict__, self._autowrap_function_ids)
+                self.create_node("output", "output", (self.create_arg(fn(*args)),), {})
+            self.submodule_paths = None
+        return self.graph
+
+    @property
+    def tensor_attrs(self):
+        """fx's map of the tensors held as plain module attributes to their
+        qualified names, collected as fx's ``trace`` collects it."""
+        attrs = self.__dict__.get("_tensor_attrs")
+        if attrs is None:
+            attrs = self.__dict__["_tensor_attrs"] = {}
+            kinds = getattr(_symbolic_trace, "_constant_attribute_types",
+                            (torch.Tensor, torch.ScriptObject))
+
+            def collect(m, prefix):
+                for k, v in m.__dict__.items():
+                    if isinstance(v, kinds):
+                        attrs[v] = ".".join(prefix + [k])
+                for k, v in m.named_children():
+                    collect(v, prefix + [k])
+
+            collect(self.root, [])
+        return attrs
+
+    @tensor_attrs.setter
+    def tensor_attrs(self, value):
+        self.__dict__["_tensor_attrs"] = value
 
     def _owner(self, t) -> Optional[str]:
         """The name of the module whose parameter or buffer ``t`` is, or views
@@ -301,19 +421,63 @@ class _LeafTracer(fx.Tracer):
         leaf = self._leaf.get(id(m))
         if leaf is None:
             # A forward set on the instance is traced: the class says nothing of it.
-            leaf = self._leaf[id(m)] = not own_forward(m) and (
-                is_interesting(m) or super().is_leaf_module(m, qualname))
+            # The rest depends on the class alone (fx's own test: a torch.nn class).
+            cls = type(m)
+            by_class = self._leaf_class.get(cls)
+            if by_class is None:
+                by_class = self._leaf_class[cls] = is_interesting(m) or \
+                    super().is_leaf_module(m, qualname)
+            leaf = self._leaf[id(m)] = by_class and not own_forward(m)
         return leaf
 
     def is_chain(self, m) -> bool:
         """A module whose call :func:`flow_from_fx` can expand (see the class):
-        a chain, or a gate (see :meth:`gate_children`)."""
+        a chain, a gate (see :meth:`gate_children`) or a residual block (see
+        :meth:`residual_parts`)."""
         chain = self.chains.get(id(m))
         if chain is None:
             chain = self.chains[id(m)] = self._collapse and not own_forward(m) and \
                 has_hooks(m) is None and not getattr(m, "_backward_pre_hooks", None) and (
-                    self._is_sequential_chain(m) or self.gate_children(m) is not None)
+                    self._is_sequential_chain(m) or self.gate_children(m) is not None or
+                    self.residual_parts(m) is not None)
         return chain
+
+    def residual_parts(self, m):
+        """``(main, tail, added)`` of a *residual block*, or None.
+
+        A residual block of a class whose forward is known (torchvision's
+        MobileNetV2/V3 InvertedResidual, EfficientNet's MBConv and FusedMBConv)
+        computes ``y = main(x)`` and, where its ``use_res_connect`` is True
+        (``added``), ``y = tail(y) + x``; ``main`` and ``tail`` run their
+        children one after the other. The tail is torchvision's StochasticDepth
+        (one op the flow does not track, in fx's trace) or a leaf or chain."""
+        parts = self.residuals.get(id(m), False)
+        if parts is False:
+            parts = self.residuals[id(m)] = self._residual_parts(m)
+        return parts
+
+    def _residual_parts(self, m):
+        known = _known_block(type(m), _known_residuals())
+        if known is None or any(n in vars(m) for n in known.methods):
+            return None
+        added = vars(m).get("use_res_connect")
+        if type(added) is not bool:
+            return None
+        main = [m._modules.get(n) for n in known.children]
+        tail = [m._modules.get(n) for n in known.tail] if added else []
+        if any(c is None or not self._expandable(c) for c in main) or any(
+                c is None or not (self._expandable(c) or self._is_known_op(c)) for c in tail):
+            return None
+        return main, tail, added
+
+    def _is_known_op(self, m) -> bool:
+        """torchvision's StochasticDepth as its class defines it: its call is
+        one fx node (``stochastic_depth`` is wrapped for fx)."""
+        cls = getattr(sys.modules.get("torchvision.ops.stochastic_depth"), "StochasticDepth",
+                      None)
+        return cls is not None and type(m) is cls and not own_forward(m) and \
+            has_hooks(m) is None and not getattr(m, "_backward_pre_hooks", None) and \
+            not m._modules
 
     def _is_sequential_chain(self, m) -> bool:
         cls = type(m)
@@ -399,11 +563,12 @@ class _LeafTracer(fx.Tracer):
 def chain_children(tracer, module) -> List[nn.Module]:
     """The leaves and gates a chain's call runs, in order, nested chains
     expanded (a gate's call is the gate alone)."""
-    if tracer.gates.get(id(module)):
+    if tracer.gates.get(id(module)) or tracer.residuals.get(id(module)):
         return [module]
     out = []
     for child in module._modules.values():
-        if tracer.chains.get(id(child)) and not tracer.gates.get(id(child)):
+        if tracer.chains.get(id(child)) and not tracer.gates.get(id(child)) and \
+                not tracer.residuals.get(id(child)):
             out.extend(chain_children(tracer, child))
         else:
             out.append(child)
@@ -447,13 +612,44 @@ def _known_gates() -> List[_KnownGate]:
     return out
 
 
+class _KnownResidual(_KnownGate):
+    """A residual block class (see :meth:`_LeafTracer.residual_parts`): the
+    children of its main path and of its tail, and its forward's methods."""
+
+    def __init__(self, cls, children, tail):
+        super().__init__(cls, children, ("forward",))
+        self.tail = tail
+
+
+def _known_residuals() -> List[_KnownResidual]:
+    """The residual block classes of torchvision, where it is loaded."""
+    out = []
+    for module, name, main, tail in (
+            ("torchvision.models.mobilenetv2", "InvertedResidual", ("conv",), ()),
+            ("torchvision.models.mobilenetv3", "InvertedResidual", ("block",), ()),
+            ("torchvision.models.efficientnet", "MBConv", ("block",), ("stochastic_depth",)),
+            ("torchvision.models.efficientnet", "FusedMBConv", ("block",),
+             ("stochastic_depth",))):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type):
+            out.append(_KnownResidual(cls, main, tail))
+    return out
+
+
 def _known_gate(cls) -> Optional[_KnownGate]:
-    for known in _known_gates():
+    return _known_block(cls, _known_gates())
+
+
+def _known_block(cls, knowns):
+    """The entry of ``knowns`` for class ``cls``: its class or a subclass that
+    keeps its methods and adds no class attribute of its children's names."""
+    for known in knowns:
         if issubclass(cls, known.cls) and \
                 all(getattr(cls, n) is f for n, f in known.functions.items()) and \
                 cls.__getattr__ is nn.Module.__getattr__ and \
                 not any(n in vars(k) for k in cls.__mro__ if k is not known.cls
-                        for n in known.children + ("add_maxpool",)):
+                        for n in known.children + getattr(known, "tail", ()) +
+                        ("add_maxpool", "use_res_connect")):
             return known
     return None
 
@@ -550,6 +746,15 @@ def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None,
                 if consumer is not None:
                     consumer.src = cur
 
+        def both(y, x, same):
+            """One untracked op (x * y, y + x) on two values: one use of each;
+            or, where no node lies between them (``same``: y is x itself), one
+            use, as fx counts users."""
+            use(y, None)
+            if not same:
+                use(x, None)
+            state[:] = [None, None]
+
         def run(children):
             for child in children:
                 inner = tracer.gates.get(id(child))
@@ -558,10 +763,27 @@ def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None,
                     if tracer.squeezes[id(child)]:  # f starts with an op on x
                         use(x, None)
                         state[:] = [None, None]
-                    run(chain_children_of(inner))
-                    use(state[0], None)
-                    use(x, None)
-                    state[:] = [None, None]
+                    inner = chain_children_of(inner)
+                    run(inner)
+                    both(state[0], x, same=not inner and not tracer.squeezes[id(child)])
+                    continue
+                parts = tracer.residuals.get(id(child))
+                if parts:  # main(x), then tail(.) + x where it adds
+                    main, tail, added = parts
+                    x = state[0]
+                    main = chain_children_of(main)
+                    run(main)
+                    if added:
+                        for t in tail:
+                            if tracer.chains.get(id(t)) or tracer.is_leaf_module(t, ""):
+                                tail_children = chain_children_of([t])
+                                run(tail_children)
+                                main = main + tail_children
+                            else:  # StochasticDepth: one op
+                                use(state[0], None)
+                                state[:] = [None, None]
+                                main = main + [t]
+                        both(state[0], x, same=not main)
                     continue
                 cur, r = state
                 state[1] = _module_rank(child, r)

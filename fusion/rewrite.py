@@ -126,6 +126,9 @@ def _host(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _host_norm(params: NormParams) -> NormParams:
+    if all(t is None or t.device.type == "cpu" for t in (
+            params.running_mean, params.running_var, params.weight, params.bias)):
+        return params
     return dataclasses.replace(
         params, running_mean=_host(params.running_mean),
         running_var=_host(params.running_var), weight=_host(params.weight),

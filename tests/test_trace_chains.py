@@ -144,7 +144,21 @@ CASES = {
     "instance_forward": lambda: _instance_forward(),
     "holds_a_block": lambda: Wrap(nn.Sequential(nn.Conv2d(8, 8, 1),
                                                 Residual(nn.BatchNorm2d(8)))),
+    "plain_tensor_attribute": lambda: HoldsTensor(),
 }
+
+
+class HoldsTensor(nn.Module):
+    """A tensor held as a plain attribute (not a buffer): fx's get_attr."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.t = torch.full((1, 8, 1, 1), 2.0)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.t
 
 
 class Residual(nn.Module):
@@ -208,6 +222,21 @@ def test_a_chain_is_one_node():
             ["stem", "seq", "head"]
         assert len(graph.nodes) == (len(tracer.nodes) if fx_graph else 0)
         assert tracer.chains[id(model.seq)]
+
+
+def test_the_module_trace_skips_fx_walks():
+    """On both torches the tracer takes its own copy of fx's trace, which
+    collects the tensor attributes only when a tensor argument needs them
+    (every other test compares its flow with fx's own trace)."""
+    assert discover._FX_INTERNALS
+    model = build("mobilenet_v2")
+    tracer = discover._LeafTracer(model)
+    tracer.trace(model)
+    assert tracer.__dict__["_tensor_attrs"] is None and tracer.submodule_paths is None
+    model = PlusConstant()
+    tracer = discover._LeafTracer(model)
+    tracer.trace(model)
+    assert tracer.__dict__["_tensor_attrs"] == {}  # looked up: nothing is held as one
 
 
 def test_light_nodes_have_fx_users():
@@ -674,3 +703,115 @@ def test_timm_se_module_gate(kw, gate):
     assert rel_err(model(x), fused(x)) < 1e-5
     want = {"bn", "bn2"} | ({"gate.bn"} if "norm_layer" in kw else set())
     assert {p.norm for p in report.fused} == want
+
+
+# --- Residual blocks: torchvision's InvertedResidual, MBConv -----------------------
+
+from torchvision.models import efficientnet as tv_efficientnet  # noqa: E402
+from torchvision.models import mobilenetv2 as tv_mobilenetv2  # noqa: E402
+from torchvision.models import mobilenetv3 as tv_mobilenetv3  # noqa: E402
+
+
+class Around(nn.Module):
+    """A block between a conv + norm before it and a conv + norm after it."""
+
+    def __init__(self, block, c):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(c)
+        self.block = block
+        self.head = nn.Conv2d(c, c, 1)
+        self.bn1 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn1(self.head(self.block(self.bn0(self.stem(x)))))
+
+
+def _mbconv(residual=True, c=16):
+    cnf = tv_efficientnet.MBConvConfig(4, 3, 1, c, c if residual else c + 8, 1)
+    return tv_efficientnet.MBConv(cnf, 0.2, nn.BatchNorm2d)
+
+
+def _fused_mbconv():
+    cnf = tv_efficientnet.FusedMBConvConfig(4, 3, 1, 16, 16, 1)
+    return tv_efficientnet.FusedMBConv(cnf, 0.2, nn.BatchNorm2d)
+
+
+def _v3_block():
+    cnf = tv_mobilenetv3.InvertedResidualConfig(16, 3, 32, 16, True, "HS", 1, 1, 1.0)
+    return tv_mobilenetv3.InvertedResidual(cnf, nn.BatchNorm2d)
+
+
+def _with(block, **parts):
+    for name, value in parts.items():
+        setattr(block, name, value)
+    return block
+
+
+class OwnBlockForward(tv_mobilenetv2.InvertedResidual):
+    def forward(self, x):
+        return self.conv(x) * 2 if self.use_res_connect else self.conv(x)
+
+
+class Flagged(tv_mobilenetv2.InvertedResidual):
+    use_res_connect = property(lambda self: True, lambda self, value: None)
+
+
+def _hooked_block():
+    block = tv_mobilenetv2.InvertedResidual(16, 16, 1, 2)
+    block.register_forward_pre_hook(lambda m, i: None)
+    return block
+
+
+def _hooked_depth():
+    block = _mbconv()
+    block.stochastic_depth.register_forward_hook(lambda m, i, o: o * 2)
+    return block
+
+
+def _flag_tensor():
+    block = tv_mobilenetv2.InvertedResidual(16, 16, 1, 2)
+    block.__dict__["use_res_connect"] = torch.tensor(True)
+    return block
+
+
+RESIDUAL_CASES = {
+    "v2_residual": (lambda: tv_mobilenetv2.InvertedResidual(16, 16, 1, 2), True),
+    "v2_plain": (lambda: tv_mobilenetv2.InvertedResidual(16, 16, 1, 1), True),
+    "v3_residual": (_v3_block, True),
+    "mbconv_residual": (_mbconv, True),
+    "fused_mbconv": (_fused_mbconv, True),
+    "mbconv_depth_identity": (lambda: _with(_mbconv(), stochastic_depth=nn.Identity()), True),
+    "mbconv_depth_conv": (lambda: _with(_mbconv(), stochastic_depth=nn.Conv2d(16, 16, 1)),
+                          True),
+    "mbconv_depth_hooked": (_hooked_depth, False),
+    "mbconv_depth_custom": (lambda: _with(_mbconv(), stochastic_depth=Residual(nn.ReLU())),
+                            False),
+    "own_forward": (lambda: OwnBlockForward(16, 16, 1, 2), False),
+    "flag_property": (lambda: Flagged(16, 16, 1, 2), False),
+    "flag_tensor": (_flag_tensor, False),
+    "hooked": (_hooked_block, False),
+    "all_pass_through_main": (lambda: _with(tv_mobilenetv2.InvertedResidual(16, 16, 1, 2),
+                                            conv=nn.Sequential(nn.Identity())), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESIDUAL_CASES))
+def test_residual_traps_flow_the_same(case):
+    make, known = RESIDUAL_CASES[case]
+    channels = 16
+    assert_trap_flows_the_same(lambda: Around(make(), channels))
+    model = Around(make(), channels).eval()
+    tracer = discover._LeafTracer(model)
+    tracer.trace(model)
+    assert bool(tracer.residuals.get(id(model.block))) == known
+
+
+def test_residual_blocks_make_the_zoo_one_node():
+    """mobilenet_v2's and efficientnet_b0's features are one chain node each."""
+    for name in ("mobilenet_v2", "efficientnet_b0"):
+        model = build(name)
+        tracer = discover._LeafTracer(model)
+        tracer.trace(model)
+        assert [n.target for n in tracer.nodes if n.op == "call_module"][0] == "features"
+        assert len(tracer.nodes) <= 8
