@@ -517,7 +517,7 @@ def precision_section(data):
 # --- 6. profile -----------------------------------------------------------------
 
 
-def profile_section(data):
+def profile_section(data, cprofile=True):
     res = data["results"]
     text = [f"{res['model']} ({res['model_bytes'] / 2**20:.0f} MiB), median of "
             f"{res['rounds']} rounds, {data['environment']['threads'][0]} thread(s); "
@@ -527,7 +527,7 @@ def profile_section(data):
         rows = [[k, _ms(v), f"{v / total:.0%}" if total else "-"]
                 for k, v in phases.items()]
         text += [f"**{name}**", "", common.md_table(["phase", "ms", "share"], rows), ""]
-    top = res.get("cprofile_copy", {}).get("top", [])
+    top = res.get("cprofile_copy", {}).get("top", []) if cprofile else []
     if top:
         text += ["cProfile of fusion.fuse (copy mode), by own time (profiler overhead "
                  "included):", "",
@@ -1011,10 +1011,13 @@ def main(argv=None):
     latency = _load(args.raw, "latency")
     precision = _load(args.raw, "precision")
     profile = _load(args.raw, "profile")
+    profiles = [p for p in (_load(args.raw, "profile_mobilenet_v2"),
+                            _load(args.raw, "profile_efficientnet_b0")) if p]
     yolo = _load(args.raw, "yolo")
     sections = [("fuse time", fuse), ("fuse time, synthetic", scaling),
                 ("memory", memory), ("throughput", throughput), ("latency", latency),
-                ("precision", precision), ("profile", profile), ("yolo", yolo)]
+                ("precision", precision), ("profile", profile), ("yolo", yolo)] + [
+                    (f"profile, {p['results']['model']}", p) for p in profiles]
     goals = targets(fuse, memory, throughput, latency, precision)
     plots = []
     if fuse:
@@ -1078,6 +1081,8 @@ def main(argv=None):
         md += ["## 5. Precision", "", precision_section(precision), ""]
     if profile:
         md += ["## 6. Where fuse() spends its time", "", profile_section(profile), ""]
+        for more in profiles:
+            md += [profile_section(more, cprofile=False), ""]
     torches = ""
     if args.oldest_raw:
         old_fuse = _load(args.oldest_raw, "fuse_time")

@@ -24,6 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 QUICK_ZOO = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0"]
+PROFILED = [("profile", "resnet50"), ("profile_mobilenet_v2", "mobilenet_v2"),
+            ("profile_efficientnet_b0", "efficientnet_b0")]
 
 
 def full_zoo():
@@ -69,8 +71,9 @@ def steps(mode, raw):
          + out("latency")),
         ("precision", "bench_precision.py",
          ["--models", *(["resnet18", "resnet50"] if quick else zoo)] + out("precision")),
-        ("profile", "profile_fuse.py",
-         ["--model", "resnet50", "--rounds", "3" if quick else "7"] + out("profile")),
+        # resnet50 (with a cProfile), and the two models whose folds are smallest
+        *[(name, "profile_fuse.py", ["--model", model, "--rounds", "3" if quick else "7"]
+           + out(name)) for name, model in PROFILED],
         # ultralytics YOLO against its own model.fuse(): fuse time and latency
         # (batch 1, fp32, 1 thread); records "skipped" where ultralytics is missing
         ("yolo", "bench_yolo.py",
