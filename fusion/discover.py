@@ -870,6 +870,8 @@ def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None,
                     call.users.append(consumer)
                 elif not _fx_shape_only(user, used):
                     call.users.append(OTHER)
+    for node in tracer.nodes:  # users point forward, arguments back: free them now
+        node.users = {}
     return flow
 
 
