@@ -244,6 +244,13 @@ def _fx_tracing():
             st._is_fx_tracing_flag = old
 
 
+def _as_its_class(m) -> bool:
+    """A call of ``m`` runs its class's forward and nothing else: no forward set
+    on the instance, no hooks (backward pre-hooks included)."""
+    return not own_forward(m) and has_hooks(m) is None and \
+        not getattr(m, "_backward_pre_hooks", None)
+
+
 def _tensor_constant():
     """The target of a node for a tensor made while tracing (``torch.ones(1)``
     in a forward): fx would store it on the model as ``_tensor_constantN``."""
@@ -436,10 +443,9 @@ class _LeafTracer(fx.Tracer):
         :meth:`residual_parts`)."""
         chain = self.chains.get(id(m))
         if chain is None:
-            chain = self.chains[id(m)] = self._collapse and not own_forward(m) and \
-                has_hooks(m) is None and not getattr(m, "_backward_pre_hooks", None) and (
-                    self._is_sequential_chain(m) or self.gate_children(m) is not None or
-                    self.residual_parts(m) is not None)
+            chain = self.chains[id(m)] = self._collapse and _as_its_class(m) and (
+                self._is_sequential_chain(m) or self.gate_children(m) is not None or
+                self.residual_parts(m) is not None)
         return chain
 
     def residual_parts(self, m):
@@ -475,9 +481,7 @@ class _LeafTracer(fx.Tracer):
         one fx node (``stochastic_depth`` is wrapped for fx)."""
         cls = getattr(sys.modules.get("torchvision.ops.stochastic_depth"), "StochasticDepth",
                       None)
-        return cls is not None and type(m) is cls and not own_forward(m) and \
-            has_hooks(m) is None and not getattr(m, "_backward_pre_hooks", None) and \
-            not m._modules
+        return cls is not None and type(m) is cls and _as_its_class(m) and not m._modules
 
     def _is_sequential_chain(self, m) -> bool:
         cls = type(m)
