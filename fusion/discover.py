@@ -298,11 +298,15 @@ class _LeafTracer(fx.Tracer):
         self._fx_graph = fx_graph
         self._owners: Optional[Dict[tuple, str]] = None  # made on the first need
         self._internal = False  # in the tracer's own checks, not the traced code
+        # fx's patch of nn.Module.__getattr__ is the whole process's: another
+        # thread's attribute reads reach this tracer too, and are not its own.
+        self._thread = threading.get_ident()
         self.nodes: list = []
         self.read: Set[str] = set()
 
     def trace(self, root, concrete_args=None):
         self.nodes = []
+        self._thread = threading.get_ident()
         try:
             with _TensorReads(self):
                 if self._fx_graph or not _FX_INTERNALS or not isinstance(root, nn.Module) or \
@@ -417,6 +421,8 @@ class _LeafTracer(fx.Tracer):
         return None
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val  # another thread's read, while this one traces
         if not self._internal and isinstance(attr_val, torch.Tensor) and \
                 not isinstance(attr_val, nn.Parameter):
             owner = self._owner(attr_val)

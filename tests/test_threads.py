@@ -222,3 +222,59 @@ def test_fusing_in_a_worker_while_the_main_thread_fuses(models, gated):
     assert_same(mine, models[0][1])
     assert_same(box["r"], models[1][1])
     assert_process_intact()
+
+
+class Pause(nn.Module):
+    """The identity; while traced, it lets ``reader`` run in another thread
+    and waits for it to finish."""
+
+    def __init__(self):
+        super().__init__()
+        self.reader = None
+
+    def forward(self, x):
+        if self.reader is not None:
+            self.reader.start()
+            self.reader.join(timeout=30)
+        return x
+
+
+class Paused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pause = Pause()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(self.pause(x)))
+
+
+def test_another_threads_reads_during_a_trace_are_not_the_traces():
+    """fx's patch of ``nn.Module.__getattr__`` sees every thread's reads. A
+    read of the model's own buffer made by another thread while the model is
+    traced is not the forward's, so the pair is still folded, and that thread
+    gets the real tensors, of this model and of another one."""
+    model, other = Paused().eval(), Paused().eval()
+    for m in (model, other):
+        m.bn.running_var.uniform_(0.5, 2.0)
+    seen = {}
+
+    def read():
+        try:
+            seen["own"] = model.bn.running_var
+            seen["weight"] = model.conv.weight
+            seen["other"] = other.bn.running_mean
+        except BaseException as exc:  # reported in the test's thread
+            seen["error"] = exc
+
+    model.pause.reader = threading.Thread(target=read)
+    want = {"own": model.bn.running_var, "weight": model.conv.weight,
+            "other": other.bn.running_mean}
+    fused, report = fuse(model, inplace=True, return_report=True)
+    assert "error" not in seen, seen.get("error")
+    assert set(seen) == set(want)
+    for k, v in want.items():
+        assert seen[k] is v, k  # the tensor itself, not a Proxy of it
+    assert [p.norm for p in report.fused] == ["bn"] and not report.left, report
+    assert_process_intact()
