@@ -12,6 +12,9 @@
  *   prep+app  what csrc/module.c does for a fold: fusion_norm_affine(),
  *             fusion_fold_check(), fusion_fold_apply() in place, against a
  *             memcpy of the same bytes to another buffer
+ *   into out  the same, writing the fused weight into another buffer
+ *             (fold.out: copy mode's fold, from the original into the copy),
+ *             against the same memcpy
  *
  * Each time is the median of REPS runs; the weights are restored (untimed)
  * before each apply. It prints a Markdown table; the ratios are
@@ -97,13 +100,13 @@ vector_view(float *data, int64_t n)
 }
 
 typedef struct {
-    double check, prep_apply;
+    double check, prep_apply, into_out;
 } timings;
 
 /* Times one dtype on the current path. */
 static timings
 time_fold(fusion_dtype dt, size_t bytes, int reps, unsigned char *w,
-          const unsigned char *pristine)
+          const unsigned char *pristine, unsigned char *dst)
 {
     const int64_t rows = 4096;
     size_t es = fusion_dtype_size(dt);
@@ -183,6 +186,27 @@ time_fold(fusion_dtype dt, size_t bytes, int reps, unsigned char *w,
         }
     }
     out.prep_apply = median(t, reps);
+    memcpy(w, pristine, bytes);
+    f.out = f.weight;
+    f.out.data = dst;
+    for (int k = 0; k < reps; k++) {
+        memset(bias, 0, (size_t)rows * sizeof(float));
+        double t0 = now();
+        fusion_status st = fusion_norm_affine(&norm, FUSION_PART_NORM, rows,
+                                              scale, NULL, &where);
+        if (st == FUSION_OK) {
+            st = fusion_fold_check(&f, new_bias, &where);
+        }
+        if (st == FUSION_OK) {
+            fusion_fold_apply(&f, new_bias);
+        }
+        t[k] = now() - t0;
+        if (st != FUSION_OK) {
+            fprintf(stderr, "into out: %s\n", fusion_status_str(st));
+            exit(1);
+        }
+    }
+    out.into_out = median(t, reps);
     free(t);
     free(stats);
     free(scale);
@@ -247,8 +271,9 @@ main(int argc, char **argv)
            "(each byte read and written)\n\n",
            1e3 * read, bytes / read / 1e9, 1e3 * copy, bytes / copy / 1e9);
     printf("| dtype | path | check ms | check GB/s | check vs read | "
-           "prep+apply ms | prep+apply vs memcpy |\n");
-    printf("|---|---|---:|---:|---:|---:|---:|\n");
+           "prep+apply ms | prep+apply vs memcpy | into out ms | "
+           "into out vs memcpy |\n");
+    printf("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     for (int d = 0; d < 4; d++) {
         fusion_dtype dt = dts[d];
         size_t es = fusion_dtype_size(dt);
@@ -263,11 +288,13 @@ main(int argc, char **argv)
             /* The memory references again, next to each measurement: the
              * machine is shared, and its bandwidth drifts. */
             time_refs(bytes, reps, other, w, &read, &copy);
-            timings tm = time_fold(dt, bytes, reps, w, pristine);
-            printf("| %s | %s | %.1f | %.1f | %.2f | %.1f | %.2f |\n",
+            timings tm = time_fold(dt, bytes, reps, w, pristine, other);
+            printf("| %s | %s | %.1f | %.1f | %.2f | %.1f | %.2f | %.1f | "
+                   "%.2f |\n",
                    names[dt], fusion_isa_str(isas[k]), 1e3 * tm.check,
                    bytes / tm.check / 1e9, read / tm.check,
-                   1e3 * tm.prep_apply, copy / tm.prep_apply);
+                   1e3 * tm.prep_apply, copy / tm.prep_apply,
+                   1e3 * tm.into_out, copy / tm.into_out);
             fflush(stdout);
         }
     }

@@ -17,6 +17,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* A fold into another tensor of at least this many bytes uses non-temporal
+ * stores (tests/c builds a second binary with 1, so that every such fold
+ * does). */
+#ifndef FUSION_STREAM_BYTES
+#define FUSION_STREAM_BYTES (1 << 20)
+#endif
+
 /* Weights of at least this many elements are scaled by several threads when
  * the core is built with OpenMP. */
 #ifndef FUSION_OMP_NUMEL
@@ -264,9 +271,17 @@ typedef struct {
     uint16_t (*max16)(const void *p, int64_t n);
     uint32_t (*max32)(const void *p, int64_t n);
     uint64_t (*max64)(const void *p, int64_t n);
-    void (*scale_f32)(void *p, int64_t n, double s);
-    void (*scale_f16)(void *p, int64_t n, double s);
-    void (*scale_bf16)(void *p, int64_t n, double s);
+    /* dst[k] = src[k] * s, rounded once; dst may be src (in place). With
+     * stream, dst is not src, and the vector paths store with non-temporal
+     * stores (past the cache, which a large fresh destination would only
+     * evict; fence() orders them before the fold returns). */
+    void (*scale_f32)(void *dst, const void *src, int64_t n, double s,
+                      int stream);
+    void (*scale_f16)(void *dst, const void *src, int64_t n, double s,
+                      int stream);
+    void (*scale_bf16)(void *dst, const void *src, int64_t n, double s,
+                       int stream);
+    void (*fence)(void);
 } isa_kernels;
 
 #define MAX_BITS_BASE(NAME, U, MASK)                                          \
@@ -288,37 +303,48 @@ MAX_BITS_BASE(max32_base, uint32_t, 0x7FFFFFFFu)
 MAX_BITS_BASE(max64_base, uint64_t, 0x7FFFFFFFFFFFFFFFull)
 
 static void
-scale_f32_base(void *p, int64_t n, double s)
+scale_f32_base(void *dst, const void *src, int64_t n, double s, int stream)
 {
-    float *f = (float *)p;
+    (void)stream;
+    float *f = (float *)dst;
+    const float *x = (const float *)src;
     for (int64_t k = 0; k < n; k++) {
-        f[k] = (float)((double)f[k] * s);
+        f[k] = (float)((double)x[k] * s);
     }
 }
 
 static void
-scale_f16_base(void *p, int64_t n, double s)
+scale_f16_base(void *dst, const void *src, int64_t n, double s, int stream)
 {
-    unsigned char *q = (unsigned char *)p;
+    (void)stream;
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x = (const unsigned char *)src;
     for (int64_t k = 0; k < n; k++) {
         fusion_store(q + 2 * k, FUSION_DTYPE_F16,
-                     fusion_load(q + 2 * k, FUSION_DTYPE_F16) * s);
+                     fusion_load(x + 2 * k, FUSION_DTYPE_F16) * s);
     }
 }
 
 static void
-scale_bf16_base(void *p, int64_t n, double s)
+scale_bf16_base(void *dst, const void *src, int64_t n, double s, int stream)
 {
-    unsigned char *q = (unsigned char *)p;
+    (void)stream;
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x = (const unsigned char *)src;
     for (int64_t k = 0; k < n; k++) {
         fusion_store(q + 2 * k, FUSION_DTYPE_BF16,
-                     fusion_load(q + 2 * k, FUSION_DTYPE_BF16) * s);
+                     fusion_load(x + 2 * k, FUSION_DTYPE_BF16) * s);
     }
 }
 
-static const isa_kernels KERNELS_BASE = {max16_base,     max32_base,
-                                         max64_base,     scale_f32_base,
-                                         scale_f16_base, scale_bf16_base};
+static void
+fence_base(void)
+{
+}
+
+static const isa_kernels KERNELS_BASE = {
+    max16_base,     max32_base,      max64_base, scale_f32_base,
+    scale_f16_base, scale_bf16_base, fence_base};
 
 /* -DFUSION_NO_ISA_PATHS builds the baseline alone, as on other CPUs. */
 #if !defined(FUSION_NO_ISA_PATHS) && defined(__x86_64__) &&                   \
@@ -338,6 +364,31 @@ static const isa_kernels KERNELS_BASE = {max16_base,     max32_base,
 #define PREFETCH_AHEAD 2048
 #define PREFETCH(p)                                                           \
     _mm_prefetch((const char *)(p) + PREFETCH_AHEAD, _MM_HINT_T0)
+
+/* With stream, how many of the n elements of size es at dst come before the
+ * first one aligned to `align` bytes (a non-temporal vector store needs the
+ * alignment of its width): these, and a dst not aligned to its own element
+ * size, go through ordinary stores. 0 without stream. */
+static inline int64_t
+stream_head(const void *dst, int stream, uintptr_t align, int64_t es,
+            int64_t n)
+{
+    if (!stream) {
+        return 0;
+    }
+    uintptr_t at = (uintptr_t)dst;
+    if (at % (uintptr_t)es != 0) {
+        return n;
+    }
+    int64_t head = (int64_t)((align - at % align) % align) / es;
+    return head < n ? head : n;
+}
+
+static void
+fence_sse(void)
+{
+    _mm_sfence();
+}
 
 #define RO_LOW 0x1FFFFFFFll
 #define RO_ODD 0x20000000ll
@@ -444,38 +495,52 @@ round_odd_avx2(__m256d x)
                          _mm256_cvtpd_ps(hi), 1)
 
 AVX2_TARGET static void
-scale_f32_avx2(void *p, int64_t n, double s)
+scale_f32_avx2(void *dst, const void *src, int64_t n, double s, int stream)
 {
-    float *f = (float *)p;
+    float *f = (float *)dst;
+    const float *src_f = (const float *)src;
     const __m256d vs = _mm256_set1_pd(s);
-    int64_t k = 0;
+    int64_t k = stream_head(f, stream, 32, 4, n);
+    scale_f32_base(f, src_f, k, s, 0);
     for (; k + 8 <= n; k += 8) {
-        PREFETCH(f + k);
-        __m256 x = _mm256_loadu_ps(f + k);
+        PREFETCH(src_f + k);
+        __m256 x = _mm256_loadu_ps(src_f + k);
         __m256d lo, hi;
         AVX2_WIDEN_MUL(x, vs, lo, hi);
-        _mm256_storeu_ps(f + k, AVX2_NARROW(lo, hi));
+        if (stream) {
+            _mm256_stream_ps(f + k, AVX2_NARROW(lo, hi));
+        }
+        else {
+            _mm256_storeu_ps(f + k, AVX2_NARROW(lo, hi));
+        }
     }
-    scale_f32_base(f + k, n - k, s);
+    scale_f32_base(f + k, src_f + k, n - k, s, 0);
 }
 
 AVX2_TARGET static void
-scale_f16_avx2(void *p, int64_t n, double s)
+scale_f16_avx2(void *dst, const void *src, int64_t n, double s, int stream)
 {
-    unsigned char *q = (unsigned char *)p;
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x16 = (const unsigned char *)src;
     const __m256d vs = _mm256_set1_pd(s);
-    int64_t k = 0;
+    int64_t k = stream_head(q, stream, 16, 2, n);
+    scale_f16_base(q, x16, k, s, 0);
     for (; k + 8 <= n; k += 8) {
-        PREFETCH(q + 2 * k);
+        PREFETCH(x16 + 2 * k);
         __m256 x =
-            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 2 * k)));
+            _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x16 + 2 * k)));
         __m256d lo, hi;
         AVX2_WIDEN_MUL(x, vs, lo, hi);
         __m256 r = AVX2_NARROW(round_odd_avx2(lo), round_odd_avx2(hi));
-        _mm_storeu_si128((__m128i *)(q + 2 * k),
-                         _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT));
+        __m128i h = _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT);
+        if (stream) {
+            _mm_stream_si128((__m128i *)(q + 2 * k), h);
+        }
+        else {
+            _mm_storeu_si128((__m128i *)(q + 2 * k), h);
+        }
     }
-    scale_f16_base(q + 2 * k, n - k, s);
+    scale_f16_base(q + 2 * k, x16 + 2 * k, n - k, s, 0);
 }
 
 /* A mask of the float lanes of b that are subnormal: the product was below
@@ -499,23 +564,25 @@ subnormal_avx2(__m256i b)
 }
 
 AVX2_TARGET static void
-scale_bf16_avx2(void *p, int64_t n, double s)
+scale_bf16_avx2(void *dst, const void *src, int64_t n, double s, int stream)
 {
-    unsigned char *q = (unsigned char *)p;
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x16 = (const unsigned char *)src;
     const __m256d vs = _mm256_set1_pd(s);
     const __m256i half = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
-    int64_t k = 0;
+    int64_t k = stream_head(q, stream, 16, 2, n);
+    scale_bf16_base(q, x16, k, s, 0);
     for (; k + 8 <= n; k += 8) {
-        PREFETCH(q + 2 * k);
+        PREFETCH(x16 + 2 * k);
         __m256i h = _mm256_cvtepu16_epi32(
-            _mm_loadu_si128((const __m128i *)(q + 2 * k)));
+            _mm_loadu_si128((const __m128i *)(x16 + 2 * k)));
         __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
         __m256d lo, hi;
         AVX2_WIDEN_MUL(x, vs, lo, hi);
         __m256i b = _mm256_castps_si256(
             AVX2_NARROW(round_odd_avx2(lo), round_odd_avx2(hi)));
         if (subnormal_avx2(b)) {
-            scale_bf16_base(q + 2 * k, 8, s);
+            scale_bf16_base(q + 2 * k, x16 + 2 * k, 8, s, 0);
             continue;
         }
         /* Round to nearest even at bit 16: add 0x7FFF plus the kept lsb. */
@@ -525,15 +592,21 @@ scale_bf16_avx2(void *p, int64_t n, double s)
         /* Pack the eight 32-bit lanes (each < 2^16) to 16 bits in order. */
         __m256i packed =
             _mm256_permute4x64_epi64(_mm256_packus_epi32(b, b), 0xD8);
-        _mm_storeu_si128((__m128i *)(q + 2 * k),
-                         _mm256_castsi256_si128(packed));
+        if (stream) {
+            _mm_stream_si128((__m128i *)(q + 2 * k),
+                             _mm256_castsi256_si128(packed));
+        }
+        else {
+            _mm_storeu_si128((__m128i *)(q + 2 * k),
+                             _mm256_castsi256_si128(packed));
+        }
     }
-    scale_bf16_base(q + 2 * k, n - k, s);
+    scale_bf16_base(q + 2 * k, x16 + 2 * k, n - k, s, 0);
 }
 
-static const isa_kernels KERNELS_AVX2 = {max16_avx2,     max32_avx2,
-                                         max64_avx2,     scale_f32_avx2,
-                                         scale_f16_avx2, scale_bf16_avx2};
+static const isa_kernels KERNELS_AVX2 = {
+    max16_avx2,     max32_avx2,      max64_avx2, scale_f32_avx2,
+    scale_f16_avx2, scale_bf16_avx2, fence_sse};
 
 AVX512_TARGET static uint16_t
 max16_avx512(const void *src, int64_t n)
@@ -623,51 +696,67 @@ round_odd_avx512(__m512d x)
         _mm256_castps_pd(_mm512_cvtpd_ps(hi)), 1))
 
 AVX512_TARGET static void
-scale_f32_avx512(void *p, int64_t n, double s)
+scale_f32_avx512(void *dst, const void *src, int64_t n, double s, int stream)
 {
-    float *f = (float *)p;
+    float *f = (float *)dst;
+    const float *src_f = (const float *)src;
     const __m512d vs = _mm512_set1_pd(s);
-    int64_t k = 0;
+    int64_t k = stream_head(f, stream, 64, 4, n);
+    scale_f32_base(f, src_f, k, s, 0);
     for (; k + 16 <= n; k += 16) {
-        PREFETCH(f + k);
-        __m512 x = _mm512_loadu_ps(f + k);
+        PREFETCH(src_f + k);
+        __m512 x = _mm512_loadu_ps(src_f + k);
         __m512d lo, hi;
         AVX512_WIDEN_MUL(x, vs, lo, hi);
-        _mm512_storeu_ps(f + k, AVX512_NARROW(lo, hi));
+        if (stream) {
+            _mm512_stream_ps(f + k, AVX512_NARROW(lo, hi));
+        }
+        else {
+            _mm512_storeu_ps(f + k, AVX512_NARROW(lo, hi));
+        }
     }
-    scale_f32_base(f + k, n - k, s);
+    scale_f32_base(f + k, src_f + k, n - k, s, 0);
 }
 
 AVX512_TARGET static void
-scale_f16_avx512(void *p, int64_t n, double s)
+scale_f16_avx512(void *dst, const void *src, int64_t n, double s, int stream)
 {
-    unsigned char *q = (unsigned char *)p;
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x16 = (const unsigned char *)src;
     const __m512d vs = _mm512_set1_pd(s);
-    int64_t k = 0;
+    int64_t k = stream_head(q, stream, 32, 2, n);
+    scale_f16_base(q, x16, k, s, 0);
     for (; k + 16 <= n; k += 16) {
-        PREFETCH(q + 2 * k);
-        __m512 x =
-            _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(q + 2 * k)));
+        PREFETCH(x16 + 2 * k);
+        __m512 x = _mm512_cvtph_ps(
+            _mm256_loadu_si256((const __m256i *)(x16 + 2 * k)));
         __m512d lo, hi;
         AVX512_WIDEN_MUL(x, vs, lo, hi);
         __m512 r = AVX512_NARROW(round_odd_avx512(lo), round_odd_avx512(hi));
-        _mm256_storeu_si256((__m256i *)(q + 2 * k),
-                            _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT));
+        __m256i h = _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT);
+        if (stream) {
+            _mm256_stream_si256((__m256i *)(q + 2 * k), h);
+        }
+        else {
+            _mm256_storeu_si256((__m256i *)(q + 2 * k), h);
+        }
     }
-    scale_f16_base(q + 2 * k, n - k, s);
+    scale_f16_base(q + 2 * k, x16 + 2 * k, n - k, s, 0);
 }
 
 AVX512_TARGET static void
-scale_bf16_avx512(void *p, int64_t n, double s)
+scale_bf16_avx512(void *dst, const void *src, int64_t n, double s, int stream)
 {
-    unsigned char *q = (unsigned char *)p;
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x16 = (const unsigned char *)src;
     const __m512d vs = _mm512_set1_pd(s);
     const __m512i half = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-    int64_t k = 0;
+    int64_t k = stream_head(q, stream, 32, 2, n);
+    scale_bf16_base(q, x16, k, s, 0);
     for (; k + 16 <= n; k += 16) {
-        PREFETCH(q + 2 * k);
+        PREFETCH(x16 + 2 * k);
         __m512i h = _mm512_cvtepu16_epi32(
-            _mm256_loadu_si256((const __m256i *)(q + 2 * k)));
+            _mm256_loadu_si256((const __m256i *)(x16 + 2 * k)));
         __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
         __m512d lo, hi;
         AVX512_WIDEN_MUL(x, vs, lo, hi);
@@ -676,20 +765,27 @@ scale_bf16_avx512(void *p, int64_t n, double s)
         /* Subnormal lanes (see subnormal_avx2) go the scalar way. */
         if (_mm512_testn_epi32_mask(b, _mm512_set1_epi32(F32_EXP)) &
             _mm512_test_epi32_mask(b, _mm512_set1_epi32(F32_MAG))) {
-            scale_bf16_base(q + 2 * k, 16, s);
+            scale_bf16_base(q + 2 * k, x16 + 2 * k, 16, s, 0);
             continue;
         }
         __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), one);
         b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(half, lsb)),
                               16);
-        _mm256_storeu_si256((__m256i *)(q + 2 * k), _mm512_cvtepi32_epi16(b));
+        if (stream) {
+            _mm256_stream_si256((__m256i *)(q + 2 * k),
+                                _mm512_cvtepi32_epi16(b));
+        }
+        else {
+            _mm256_storeu_si256((__m256i *)(q + 2 * k),
+                                _mm512_cvtepi32_epi16(b));
+        }
     }
-    scale_bf16_base(q + 2 * k, n - k, s);
+    scale_bf16_base(q + 2 * k, x16 + 2 * k, n - k, s, 0);
 }
 
 static const isa_kernels KERNELS_AVX512 = {
-    max16_avx512,     max32_avx512,     max64_avx512,
-    scale_f32_avx512, scale_f16_avx512, scale_bf16_avx512};
+    max16_avx512,     max32_avx512,      max64_avx512, scale_f32_avx512,
+    scale_f16_avx512, scale_bf16_avx512, fence_sse};
 #endif /* x86-64 */
 
 #ifdef FUSION_X86_PATHS
@@ -929,6 +1025,25 @@ view_check(const fusion_view *v)
         return FUSION_E_BOUNDS;
     }
     return FUSION_OK;
+}
+
+/* The bytes [*first, *end) that a checked, non-empty view reaches. */
+static void
+view_bytes(const fusion_view *v, uintptr_t *first, uintptr_t *end)
+{
+    int64_t min = 0, max = 0;
+    for (int d = 0; d < v->ndim; d++) {
+        int64_t span = (v->sizes[d] - 1) * v->strides[d];
+        if (span > 0) {
+            max += span;
+        }
+        else {
+            min += span;
+        }
+    }
+    int64_t es = (int64_t)fusion_dtype_size(v->dtype);
+    *first = (uintptr_t)v->data + (uintptr_t)(min * es);
+    *end = (uintptr_t)v->data + (uintptr_t)((max + 1) * es);
 }
 
 /* True when no two indices of a checked view reach the same element, so that
@@ -1177,20 +1292,23 @@ run_first_nonfinite(const fusion_view *w, int64_t off, int64_t count,
     return 0; /* not reached when called after a failed fast pass */
 }
 
+/* Writes out[i] = w[i] * wide, rounded once, over one run; out has w's
+ * strides, and is w itself for a fold in place. stream: see isa_kernels. */
 static void
-run_scale(const fusion_view *w, int64_t off, int64_t count, int64_t stride,
-          long double wide)
+run_scale(const fusion_view *w, const fusion_view *out, int64_t off,
+          int64_t count, int64_t stride, long double wide, int stream)
 {
     double scale = (double)wide;
     switch (w->dtype) {
         case FUSION_DTYPE_F32: {
-            float *p = (float *)w->data + off;
+            const float *p = (const float *)w->data + off;
+            float *q = (float *)out->data + off;
             if (stride == 1) {
-                kernels()->scale_f32(p, count, scale);
+                kernels()->scale_f32(q, p, count, scale, stream);
             }
             else {
                 for (int64_t k = 0; k < count; k++) {
-                    p[k * stride] = (float)((double)p[k * stride] * scale);
+                    q[k * stride] = (float)((double)p[k * stride] * scale);
                 }
             }
             break;
@@ -1198,25 +1316,28 @@ run_scale(const fusion_view *w, int64_t off, int64_t count, int64_t stride,
         case FUSION_DTYPE_F64: {
             /* A float64 weight cannot be rounded once from a float64 product;
              * the product is formed in long double and rounded to double. */
-            double *p = (double *)w->data + off;
+            const double *p = (const double *)w->data + off;
+            double *q = (double *)out->data + off;
             for (int64_t k = 0; k < count; k++) {
-                p[k * stride] = (double)((long double)p[k * stride] * wide);
+                q[k * stride] = (double)((long double)p[k * stride] * wide);
             }
             break;
         }
         default: {
             size_t es = fusion_dtype_size(w->dtype);
-            char *p = elem_ptr(w, off);
+            const char *p = elem_ptr(w, off);
+            char *q = elem_ptr(out, off);
             if (stride == 1) {
                 const isa_kernels *kern = kernels();
                 (w->dtype == FUSION_DTYPE_F16
                      ? kern->scale_f16
-                     : kern->scale_bf16)(p, count, scale);
+                     : kern->scale_bf16)(q, p, count, scale, stream);
                 break;
             }
             for (int64_t k = 0; k < count; k++) {
-                char *q = p + k * stride * (int64_t)es;
-                fusion_store(q, w->dtype, fusion_load(q, w->dtype) * scale);
+                int64_t at = k * stride * (int64_t)es;
+                fusion_store(q + at, w->dtype,
+                             fusion_load(p + at, w->dtype) * scale);
             }
             break;
         }
@@ -1547,6 +1668,34 @@ weights_ok_bound(const fusion_fold *fold)
     return fusion_fits(m * s, w->dtype);
 }
 
+/* A fold's out, beside its checked weight w: the same dtype, sizes and
+ * strides, in its own bounds, and sharing no byte with w (the kernels read
+ * each element of w after writing the ones before it). */
+static fusion_status
+out_check(const fusion_view *w, const fusion_view *out)
+{
+    if (out->dtype != w->dtype) {
+        return FUSION_E_DTYPE;
+    }
+    if (out->ndim != w->ndim) {
+        return FUSION_E_SHAPE;
+    }
+    for (int d = 0; d < w->ndim; d++) {
+        if (out->sizes[d] != w->sizes[d] ||
+            (w->sizes[d] > 1 && out->strides[d] != w->strides[d])) {
+            return FUSION_E_SHAPE;
+        }
+    }
+    fusion_status st = view_check(out);
+    if (st != FUSION_OK || view_numel(w) == 0) {
+        return st;
+    }
+    uintptr_t a0, a1, b0, b1;
+    view_bytes(w, &a0, &a1);
+    view_bytes(out, &b0, &b1);
+    return a0 < b1 && b0 < a1 ? FUSION_E_OVERLAP : FUSION_OK;
+}
+
 /* The arguments, every view's dtype, bounds and shape, and that the written
  * views reach each element once. */
 static fusion_status
@@ -1570,6 +1719,12 @@ fold_views_check(const fusion_fold *fold, fusion_where *where)
      * be scaled twice. */
     if (!view_disjoint(&fold->weight)) {
         return FUSION_E_OVERLAP;
+    }
+    if (view_present(&fold->out)) {
+        st = out_check(&fold->weight, &fold->out);
+        if (st != FUSION_OK) {
+            return st;
+        }
     }
     int64_t d_out = fusion_fold_out_channels(fold);
     set_where(where, FUSION_PART_LAYER, FUSION_FIELD_BIAS, -1, 0.0);
@@ -1753,6 +1908,7 @@ void
 fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
 {
     const fusion_view *w = &fold->weight;
+    const fusion_view *out = view_present(&fold->out) ? &fold->out : w;
     int64_t d0, d1, a;
     rest_dims r;
     fold_layout(fold, &d0, &d1, &a, &r);
@@ -1760,15 +1916,27 @@ fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
     if (numel == 0) {
         d0 = 0;
     }
+    /* A large fold into another tensor stores past the cache. */
+    int stream = out != w && numel * (int64_t)fusion_dtype_size(w->dtype) >=
+                                 FUSION_STREAM_BYTES;
+    const isa_kernels *kern = kernels();
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (numel >= FUSION_OMP_NUMEL)
+#pragma omp parallel if (numel >= FUSION_OMP_NUMEL)
 #endif
-    for (int64_t i0 = 0; i0 < d0; i0++) {
-        for (int64_t i1 = 0; i1 < d1; i1++) {
-            long double s = elem_scale(fold, i0, i1, a);
-            int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
-            FOR_EACH_RUN(&r, base, off, count, stride,
-                         run_scale(w, off, count, stride, s));
+    {
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t i0 = 0; i0 < d0; i0++) {
+            for (int64_t i1 = 0; i1 < d1; i1++) {
+                long double s = elem_scale(fold, i0, i1, a);
+                int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
+                FOR_EACH_RUN(&r, base, off, count, stride,
+                             run_scale(w, out, off, count, stride, s, stream));
+            }
+        }
+        if (stream) {
+            kern->fence(); /* each thread's own stores */
         }
     }
     int64_t d_out = fusion_fold_out_channels(fold);

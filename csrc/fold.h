@@ -15,7 +15,8 @@
  *                         fused value fits the destination dtype, and computes
  *                         the new bias into a caller-provided float64 buffer.
  *                         It writes no tensor.
- *   fusion_fold_apply()   writes the fused weight in place and the new bias.
+ *   fusion_fold_apply()   writes the fused weight (in place, or into another
+ *                         tensor of the same layout) and the new bias.
  *                         It has no failure path: call it only after a
  *                         successful fusion_fold_check() on the same
  * arguments.
@@ -95,7 +96,12 @@ typedef enum {
     FUSION_NORM_BEFORE = 1 /* W' = W * s, b' = b + sum W * t */
 } fusion_direction;
 
-/* One fold. weight is written in place. bias_in is optional (absent means a
+/* One fold. weight is read, and the fused weight is written to out, or in
+ * place where out is absent (dtype FUSION_DTYPE_NONE, as a zeroed struct
+ * leaves it). out has weight's dtype, sizes and strides, its values are not
+ * read, and it shares no byte with weight: a fold into a fresh tensor (a
+ * model's copy, an untied weight) reads the source once and writes the
+ * destination once, with no copy first. bias_in is optional (absent means a
  * zero bias). bias_out is written; it has d_out elements and may be the same
  * view as bias_in.
  *
@@ -121,6 +127,7 @@ typedef struct {
     const double *scale;
     const fusion_norm *post;
     const double *post_scale;
+    fusion_view out;
 } fusion_fold;
 
 /* Which part of a fold a failed check is about. */
@@ -180,7 +187,9 @@ fusion_status fusion_norm_affine(const fusion_norm *norm, fusion_part part,
  * FUSION_E_SHAPE / FUSION_E_BOUNDS / FUSION_E_DTYPE for a bad view,
  * FUSION_E_NONFINITE for a NaN or infinite weight or bias,
  * FUSION_E_OVERFLOW when a fused weight or bias would not fit its dtype, and
- * FUSION_E_OVERLAP when weight or bias_out reaches an element twice. */
+ * FUSION_E_OVERLAP when weight, out or bias_out reaches an element twice or
+ * out shares a byte with weight. A present out of another dtype, shape or
+ * strides than weight fails with FUSION_E_DTYPE or FUSION_E_SHAPE. */
 fusion_status fusion_fold_check(const fusion_fold *fold, double *new_bias,
                                 fusion_where *where);
 

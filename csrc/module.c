@@ -216,6 +216,7 @@ enum {
     REF_POST_VAR,
     REF_POST_GAMMA,
     REF_POST_BETA,
+    REF_OUT,
     REF_COUNT
 };
 
@@ -321,7 +322,8 @@ Fold_apply(FoldObject *self, PyObject *Py_UNUSED(ignored))
         else {
             fusion_fold_apply(&self->fold, self->new_bias);
         }
-        fusion_shim_bump_version(self->refs[REF_WEIGHT]);
+        int into_out = self->fold.out.dtype != FUSION_DTYPE_NONE;
+        fusion_shim_bump_version(self->refs[into_out ? REF_OUT : REF_WEIGHT]);
         fusion_shim_bump_version(self->refs[REF_BIAS_OUT]);
     }
     Py_RETURN_NONE;
@@ -344,8 +346,8 @@ static PyMethodDef Fold_methods[] = {
      "unchanged()\n--\n\nTrue when every tensor still has the storage, data "
      "pointer, sizes and strides it had in prepare()."},
     {"apply", (PyCFunction)Fold_apply, METH_NOARGS,
-     "apply()\n--\n\nWrite the fused weight in place and the fused bias. "
-     "Cannot fail; a second call does nothing."},
+     "apply()\n--\n\nWrite the fused weight (in place, or into out) and "
+     "the fused bias. Cannot fail; a second call does nothing."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -382,10 +384,13 @@ static PyType_Spec Fold_spec = {
 PyDoc_STRVAR(
     prepare_doc,
     "prepare(weight, bias_in, bias_out, norm, *, before, grouped, groups,\n"
-    "        post=None)\n"
+    "        post=None, out=None)\n"
     "--\n\n"
     "Check one fold and compute it, writing nothing.\n\n"
     "weight: the layer weight, folded in place by Fold.apply().\n"
+    "out: a tensor of weight's dtype, shape and strides, sharing no memory\n"
+    "with it, that receives the fused weight instead (weight is then only\n"
+    "read, and out's values never are).\n"
     "bias_in: the layer bias, or None. bias_out: the tensor that receives "
     "the\n"
     "fused bias (may be bias_in).\n"
@@ -540,16 +545,17 @@ fold_compute(module_state *state, FoldObject *self)
 static PyObject *
 prepare(PyObject *module, PyObject *args, PyObject *kwargs)
 {
-    static char *kwlist[] = {"weight", "bias_in", "bias_out",
-                             "norm",   "before",  "grouped",
-                             "groups", "post",    NULL};
+    static char *kwlist[] = {"weight", "bias_in", "bias_out", "norm",
+                             "before", "grouped", "groups",   "post",
+                             "out",    NULL};
     module_state *state = get_state(module);
-    PyObject *weight, *bias_in, *bias_out, *norm, *post = Py_None;
+    PyObject *weight, *bias_in, *bias_out, *norm, *post = Py_None,
+                                                  *out = Py_None;
     int before = 0, grouped = 0;
     long long groups = 1;
     if (!PyArg_ParseTupleAndKeywords(
-            args, kwargs, "OOOO|$ppLO:prepare", kwlist, &weight, &bias_in,
-            &bias_out, &norm, &before, &grouped, &groups, &post)) {
+            args, kwargs, "OOOO|$ppLOO:prepare", kwlist, &weight, &bias_in,
+            &bias_out, &norm, &before, &grouped, &groups, &post, &out)) {
         return NULL;
     }
     if (post != Py_None && !before) {
@@ -569,6 +575,8 @@ prepare(PyObject *module, PyObject *args, PyObject *kwargs)
     fold->post = post != Py_None ? &self->post : NULL;
     if (hold(state, self, REF_WEIGHT, weight, FUSION_PART_LAYER,
              FUSION_FIELD_WEIGHT, 0, &fold->weight) < 0 ||
+        hold(state, self, REF_OUT, out, FUSION_PART_LAYER, FUSION_FIELD_WEIGHT,
+             1, &fold->out) < 0 ||
         hold(state, self, REF_BIAS_IN, bias_in, FUSION_PART_LAYER,
              FUSION_FIELD_BIAS, 1, &fold->bias_in) < 0 ||
         hold(state, self, REF_BIAS_OUT, bias_out, FUSION_PART_LAYER,

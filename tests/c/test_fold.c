@@ -1180,6 +1180,42 @@ fixture_verify(fixture *f)
 
 /* Runs one case: check must succeed and write nothing; apply must write
  * the reference. */
+/* Folds a checked fixture twice: first into a fresh tensor of the weight's
+ * layout (fold.out), which must leave the weight and everything outside the
+ * new tensor's view as they were, then in place, which fixture_verify()
+ * judges against the reference. The two must agree bit for bit. */
+static void
+fold_into_out_then_in_place(fixture *f)
+{
+    const fold_case *c = &f->c;
+    tensor out;
+    tensor_make(&out, c->wdt, c->ndim, c->sizes, c->layout);
+    tensor_snapshot(&out);
+    f->fold.out = out.v;
+    fusion_where where;
+    fusion_status st = fusion_fold_check(&f->fold, f->new_bias, &where);
+    CHECK(st == FUSION_OK, "check with out: %s", fusion_status_str(st));
+    if (st == FUSION_OK) {
+        fusion_fold_apply(&f->fold, f->new_bias);
+        CHECK(tensor_unchanged(&f->w), "a fold into out wrote its weight");
+        CHECK(tensor_outside_unchanged(&out),
+              "a fold into out wrote outside out's view");
+    }
+    memset(&f->fold.out, 0, sizeof f->fold.out);
+    fusion_fold_apply(&f->fold, f->new_bias);
+    fixture_verify(f);
+    int64_t differ = 0;
+    for (int64_t i = 0; i < out.numel && st == FUSION_OK; i++) {
+        differ += read_bits(tensor_ptr(&out, i), c->wdt) !=
+                  read_bits(tensor_ptr(&f->w, i), c->wdt);
+    }
+    CHECK(differ == 0,
+          "%" PRId64 " of %" PRId64 " values folded into out differ from "
+          "the fold in place",
+          differ, out.numel);
+    tensor_free(&out);
+}
+
 static void
 run_case(const fold_case *c)
 {
@@ -1196,8 +1232,7 @@ run_case(const fold_case *c)
     CHECK(fusion_fold_channels(&f.fold) == f.channels, "channels");
     CHECK(fusion_fold_out_channels(&f.fold) == f.d_out, "out channels");
     if (st == FUSION_OK) {
-        fusion_fold_apply(&f.fold, f.new_bias);
-        fixture_verify(&f);
+        fold_into_out_then_in_place(&f);
     }
     fixture_free(&f);
 }
@@ -1892,6 +1927,87 @@ test_degenerate_views(void)
 /* A weight view that reaches one element through several indices (an
  * expanded tensor, stride 0) cannot be scaled in place element by element:
  * the shared element would be scaled once per index. */
+/* fold.out: a fresh tensor of the weight's dtype, sizes and strides, that
+ * shares no byte with the weight. Anything else is refused, naming the
+ * layer's weight, before anything is written. */
+static void
+test_out_views(void)
+{
+    fold_case c;
+    fixture f;
+    fusion_where where;
+    simple_case(&c, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 4, 3, 2);
+    fixture_make(&f, &c);
+    fill_all(&f.w, 1.0);
+    fill_all(&f.bias_in, 0.0);
+    set_norm(&f.mean, &f.var, &f.gamma, &f.beta, 4, 2.0, 0.0, 0.0);
+    tensor out, wide;
+    tensor_make(&out, FUSION_DTYPE_F32, 3, c.sizes, LAYOUT_CONTIGUOUS);
+    tensor_make(&wide, FUSION_DTYPE_F64, 3, c.sizes, LAYOUT_CONTIGUOUS);
+    tensor_snapshot(&out);
+    /* The weight itself, and a view one element along in its storage. */
+    f.fold.out = f.w.v;
+    expect_failure(&f, FUSION_E_OVERLAP, "layer weight", -1);
+    f.fold.out.data = (float *)f.w.v.data + 1;
+    f.fold.out.lo = -1;
+    f.fold.out.hi = f.w.v.hi; /* in bounds: one element short of the end */
+    f.fold.out.sizes[0] = 3;
+    f.fold.weight.sizes[0] = 3;
+    f.fold.weight.hi = f.w.v.hi - 6;
+    expect_failure(&f, FUSION_E_OVERLAP, "layer weight", -1);
+    f.fold.weight = f.w.v;
+    /* Another dtype, sizes or strides; a view past its storage. */
+    f.fold.out = wide.v;
+    expect_failure(&f, FUSION_E_DTYPE, "layer weight", -1);
+    f.fold.out = out.v;
+    f.fold.out.sizes[2] = 1;
+    expect_failure(&f, FUSION_E_SHAPE, "layer weight", -1);
+    f.fold.out = out.v;
+    f.fold.out.ndim = 2;
+    expect_failure(&f, FUSION_E_SHAPE, "layer weight", -1);
+    f.fold.out = out.v;
+    f.fold.out.strides[0] = 12; /* rows with gaps, in bounds */
+    f.fold.out.hi = 40;
+    f.fold.out.strides[1] = 4;
+    expect_failure(&f, FUSION_E_SHAPE, "layer weight", -1);
+    f.fold.out = out.v;
+    f.fold.out.hi -= 1;
+    expect_failure(&f, FUSION_E_BOUNDS, "layer weight", -1);
+    CHECK(tensor_unchanged(&out), "a refused fold wrote out");
+    /* A size-1 dim's stride says nothing: it is never stepped. */
+    fold_case one;
+    simple_case(&one, FUSION_DTYPE_F32, MAP_AFTER_AXIS0, 4, 1, 3);
+    fixture g;
+    fixture_make(&g, &one);
+    fill_all(&g.w, 1.5);
+    fill_all(&g.bias_in, 0.0);
+    set_norm(&g.mean, &g.var, &g.gamma, &g.beta, 4, 2.0, 0.0, 0.0);
+    tensor o1;
+    tensor_make(&o1, FUSION_DTYPE_F32, 3, one.sizes, LAYOUT_CONTIGUOUS);
+    g.fold.out = o1.v;
+    g.fold.out.strides[1] = 99;
+    if (check_and_apply(&g, "size-1 dim with another stride")) {
+        CHECK(tensor_get(&o1, 0) == 3.0 && tensor_get(&o1, 11) == 3.0,
+              "folded into out: %g, %g", tensor_get(&o1, 0),
+              tensor_get(&o1, 11));
+        CHECK(tensor_get(&g.w, 0) == 1.5, "the weight was written");
+    }
+    /* The valid out passes, and the weight is only read. */
+    f.fold.out = out.v;
+    fixture_snapshot(&f);
+    CHECK(fixture_check(&f, &where) == FUSION_OK, "a fresh out");
+    fusion_fold_apply(&f.fold, f.new_bias);
+    CHECK(tensor_unchanged(&f.w), "the weight was written");
+    CHECK(tensor_get(&out, 0) == 2.0 && tensor_get(&out, 23) == 2.0,
+          "folded into out: %g, %g", tensor_get(&out, 0),
+          tensor_get(&out, 23));
+    tensor_free(&o1);
+    fixture_free(&g);
+    tensor_free(&wide);
+    tensor_free(&out);
+    fixture_free(&f);
+}
+
 static void
 test_overlapping_views(void)
 {
@@ -2567,6 +2683,7 @@ main(int argc, char **argv)
         run("bounds", test_bounds);
         run("degenerate views", test_degenerate_views);
         run("overlapping views", test_overlapping_views);
+        run("out views", test_out_views);
         run("negative strides", test_negative_strides);
         run("f64 overflow edge", test_f64_overflow_edge);
     }

@@ -1222,6 +1222,33 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     return 0;
 }
 
+/* The fold into a fresh buffer of the weight's layout (fold.out): it must
+ * pass the check as well and leave the weight as it is. Returns the buffer,
+ * which holds the weight's view at the same offsets. */
+static unsigned char *
+fold_into_fresh(const fold_input *in, double *new_bias, fusion_where *where)
+{
+    const tensor *w = &in->t[T_W];
+    size_t es = esize(w->v.dtype);
+    size_t bytes = (size_t)w->alloc_numel * es;
+    unsigned char *buf = malloc(bytes ? bytes : 1);
+    if (buf == NULL) {
+        fail("out of memory");
+    }
+    memset(buf, 0xA5, bytes);
+    fusion_fold into = in->fold;
+    into.out = w->v;
+    into.out.data = buf + ((unsigned char *)w->v.data - w->alloc);
+    if (fusion_fold_check(&into, new_bias, where) != FUSION_OK) {
+        fail("the check refused the fold into a fresh tensor");
+    }
+    fusion_fold_apply(&into, new_bias);
+    if (!tensor_unchanged(w)) {
+        fail("a fold into out wrote the weight");
+    }
+    return buf;
+}
+
 /* One run of the core on the current path, judged by the oracle. */
 static int
 run_path(fold_input *in_, const verdict *v_, const exact_fold *e_,
@@ -1249,8 +1276,19 @@ run_path(fold_input *in_, const verdict *v_, const exact_fold *e_,
             fprintf(stderr, "reasons to fail: 0x%x\n", v.must);
             fail("the check passed a fold that must fail");
         }
+        unsigned char *fresh = fold_into_fresh(&in, new_bias, where);
         fusion_fold_apply(&in.fold, new_bias);
         judge_values(&in, &e);
+        const tensor *w = &in.t[T_W];
+        size_t es = esize(w->v.dtype);
+        for (int64_t i = 0; i < w->numel; i++) {
+            const unsigned char *p = elem_ptr(w, i);
+            if (memcmp(p, fresh + (p - w->alloc), es) != 0) {
+                fail("the fold into a fresh tensor differs from the fold in "
+                     "place");
+            }
+        }
+        free(fresh);
         const tensor *bo = in.aliased ? &in.t[T_BIAS_IN] : &in.t[T_BIAS_OUT];
         if (!tensor_outside_unchanged(&in.t[T_W]) ||
             !tensor_outside_unchanged(bo)) {
