@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -160,9 +160,11 @@ def _check_options(example_inputs, verify, rtol):
     return args, verify
 
 
-def _copy(model):
+def _copy(model, index: Optional[ModuleIndex] = None):
+    """``copy.deepcopy(model)``, or with ``index`` (the model's) a
+    :class:`rewrite.DeferredCopy` of it."""
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model) if index is None else rewrite.DeferredCopy(model, index)
     except Exception as exc:
         _raise_if_sparse(model, exc)
         raise FusionError(
@@ -270,10 +272,10 @@ def _first_line(exc) -> str:
     return f"{type(exc).__name__}: {text[0][:160]}" if text else type(exc).__name__
 
 
-def _discover(target, args, fixed_shapes=False, index=None) -> Evidence:
+def _discover(target, args, fixed_shapes=False, index=None, values_read=None) -> Evidence:
     evidence = Evidence([])
     try:
-        evidence.flows.append(flow_from_fx(target, index=index))
+        evidence.flows.append(flow_from_fx(target, index=index, values_read=values_read))
     except Exception as exc:  # any model that fx cannot trace
         evidence.fx_error = _fx_error(exc)
     if args is not None:
@@ -543,16 +545,28 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
             inplace=inplace, example_inputs=example_inputs, verify=verify, rtol=rtol,
             strict=strict, fixed_shapes=fixed_shapes), return_report)
     args, verify = _check_options(example_inputs, verify, rtol)
-    target = model if inplace else _copy(model)
+    # A copy for torch.fx's evidence alone leaves its layers' weights to the folds
+    # (the recorded run and the verification run the copy).
+    deferred = _copy(model, checked) if not inplace and args is None and not verify \
+        else None
+    target = model if inplace else deferred.copy if deferred is not None else _copy(model)
     with classifying():
         # one walk, for every stage until the write
         index = checked if inplace else ModuleIndex(target)
         with _training_restored_on_error(index.modules.values(), inplace) as was_training:
             if was_training:  # (eval() of a model wholly in eval mode changes nothing)
                 target.eval()
-            evidence = _discover(target, args, fixed_shapes, index)
+            read: Set[str] = set()
+            evidence = _discover(target, args, fixed_shapes, index, read)
+            if deferred is not None and read and read & deferred.holders(index):
+                # the traced code read a weight not copied yet: trace the whole copy
+                deferred.fill(all_weights=True)
+                deferred = None
+                evidence = _discover(target, args, fixed_shapes, index)
             plan = make_plan(target, evidence.flows, index)
-            preparation = rewrite.prepare(target, plan.folds, index)
+            preparation = rewrite.prepare(target, plan.folds, index, deferred)
+            if deferred is not None:
+                deferred.fill()
             _check_strict(strict, plan, preparation)
             backup = rewrite.Backup.of(preparation.folds) if verify and inplace else None
             originals = _originals(model, preparation, backup) if verify else None

@@ -718,17 +718,23 @@ _ENTRY = object()
 
 
 def flow_from_fx(model, collapse=True, index: Optional[ModuleIndex] = None,
-                 fx_graph=False) -> Flow:
+                 fx_graph=False, values_read: Optional[Set[str]] = None) -> Flow:
     """Traces ``model`` with torch.fx. Raises whatever tracing raises.
 
     ``collapse=False`` traces through every chain, and ``fx_graph=True`` builds
     an fx.Graph (see :class:`_LeafTracer`); the flow is the same either way.
-    ``index``: the model's :class:`ModuleIndex`, if the caller has one."""
+    ``index``: the model's :class:`ModuleIndex`, if the caller has one.
+    ``values_read`` receives the names of the modules whose parameters or
+    buffers the traced code read as real tensors, also where tracing raises."""
     index = index or ModuleIndex(model)
     modules, names = index.modules, index.names
     tracer = _LeafTracer(model, collapse, index, fx_graph)
     with MODEL_LOCK:
-        tracer.trace(model)
+        try:
+            tracer.trace(model)
+        finally:
+            if values_read is not None:
+                values_read.update(tracer.read)
     flow = Flow("fx")
     by_node: Dict[_Node, Call] = {}
     entry: Dict[_Node, list] = {}  # a chain's node -> the Calls that use its input

@@ -9,11 +9,12 @@ the write: the step it interrupted runs again, the rest run, the model is
 fully fused, then the exception goes on. Tests raise both at every step.
 """
 import contextlib
+import copy
 import dataclasses
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 from torch import nn
@@ -116,6 +117,66 @@ class Backup:
             replace_module(model, r.name, r.norm)
 
 
+# --- copy mode -----------------------------------------------------------------
+
+#: The dtypes the core folds (plan.check_tensor refuses the others).
+_FOLD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class DeferredCopy:
+    """A deep copy of a model, as ``copy.deepcopy`` makes it, except that the
+    weights of its convolutions and linear layers are not copied yet: each is a
+    new, uninitialised Parameter of the original's dtype, shape and strides
+    (what ``Parameter.__deepcopy__`` makes, less the values). A fold then reads
+    the original weight and writes the copy's once (``_C.prepare(out=)``), and
+    :meth:`fill` copies every other one, so that no weight is copied and then
+    rewritten. Until then the copy must not run: fuse() defers only where the
+    evidence comes from torch.fx, and traces again after :meth:`fill` if the
+    traced code read one of these weights' values.
+
+    Deferred are the host weights that are exactly ``nn.Parameter`` (a subclass
+    may copy itself otherwise), dense and of a dtype the core folds."""
+
+    def __init__(self, model: nn.Module, index: ModuleIndex):
+        memo: dict = {}
+        self._sources: Dict[int, tuple] = {}  # id(placeholder) -> (it, original)
+        self.written: set = set()  # ids of the placeholders a fold writes
+        for m in index.modules.values():
+            if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            w = m._parameters.get("weight")
+            if type(w) is not nn.Parameter or id(w) in memo or w.is_quantized or \
+                    w.layout != torch.strided or w.dtype not in _FOLD_DTYPES:
+                continue
+            fresh = fresh_like(w.data)
+            if fresh is not None:
+                placeholder = nn.Parameter(fresh, w.requires_grad)
+                memo[id(w)] = placeholder
+                self._sources[id(placeholder)] = (placeholder, w)
+        self.copy = copy.deepcopy(model, memo)
+        del memo  # (it holds the originals, which the caller's model holds anyway)
+
+    def source_of(self, weight) -> Optional[torch.Tensor]:
+        """The original weight whose values ``weight`` (the copy's) is still to
+        receive, or None."""
+        entry = self._sources.get(id(weight))
+        return None if entry is None or entry[0] is not weight else entry[1].detach()
+
+    def holders(self, index: ModuleIndex) -> Set[str]:
+        """The names of the copy's modules that hold a weight not filled yet."""
+        return {name for name, m in index.modules.items()
+                if id(m._parameters.get("weight")) in self._sources}
+
+    def fill(self, all_weights=False):
+        """Copies the originals' values into every placeholder no prepared fold
+        writes (into all of them with ``all_weights``)."""
+        with torch.no_grad():
+            for placeholder, original in self._sources.values():
+                if all_weights or id(placeholder) not in self.written:
+                    placeholder.data.copy_(original.data)
+        self._sources = {}
+
+
 # --- prepare -------------------------------------------------------------------
 
 
@@ -159,14 +220,31 @@ def _fold_error(exc, fold: Fold) -> FusionError:
     return FusionError(f"{name}: {exc.field or 'fold'}{at} {advice}.", name, exc.code)
 
 
-def _targets(p: Prepared):
-    """The tensors the core writes for a fold, installing fresh Parameters where
-    the layer's weight is shared (untie) or it has no bias."""
+def fresh_like(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """An uninitialised host tensor of ``t``'s dtype, shape and strides, for the
+    core to fold ``t`` into (``_C.prepare(out=)``); None where ``t`` is not on the
+    host, or torch lays the new tensor out otherwise (``t`` overlaps itself)."""
+    if t.device.type != "cpu":
+        return None
+    out = torch.empty_like(t, memory_format=torch.preserve_format)
+    return out if out.stride() == t.stride() else None
+
+
+def _targets(p: Prepared, source: Optional[torch.Tensor]):
+    """The tensors the core reads and writes for a fold: (weight read, weight
+    written, bias written), installing fresh Parameters where the layer's weight
+    is shared (untie) or it has no bias. ``source``: what the layer's weight is
+    to hold before the fold, where it does not hold it yet (see
+    :class:`DeferredCopy`)."""
     weight, bias, layer = p.layer.weight, p.layer.bias, p.layer
+    read = weight if source is None else source
     target_w, target_b = weight, bias
     if p.fold.untie:
-        target_w = p.install_weight = nn.Parameter(weight.detach().clone(),
-                                                   weight.requires_grad)
+        fresh = fresh_like(read.detach())
+        target_w = p.install_weight = nn.Parameter(
+            read.detach().clone() if fresh is None else fresh, weight.requires_grad)
+        if fresh is None:
+            read = target_w
         if bias is not None:
             target_b = p.install_bias = nn.Parameter(bias.detach().clone(),
                                                      bias.requires_grad)
@@ -178,7 +256,7 @@ def _targets(p: Prepared):
     for device, host in ((target_w, host_w), (target_b, host_b)):
         if host is not device:
             p.copy_back.append(HostCopy(device, host))
-    return host_w, host_b
+    return (host_w if read is target_w else read), host_w, host_b
 
 
 def _check_chain(names, norms):
@@ -206,12 +284,13 @@ def _check_chain(names, norms):
                               "variance")
 
 
-def _prepare_one(get, fold: Fold) -> Prepared:
+def _prepare_one(get, fold: Fold, deferred: Optional["DeferredCopy"]) -> Prepared:
     """Raises _C.FoldError for what the core refuses. ``get``: name -> module."""
     layer = get(fold.layer)
     p = Prepared(fold, None, layer)
     had_bias = layer.bias is not None
-    weight, bias_out = _targets(p)
+    source = deferred.source_of(layer.weight) if deferred is not None else None
+    weight, out, bias_out = _targets(p, source)
     for name in fold.norms():
         p.norms[name] = get(name)
     for chain in (fold.before_norms(), fold.after_norms()):
@@ -227,19 +306,25 @@ def _prepare_one(get, fold: Fold) -> Prepared:
                           bias_out=bias_out, norm=_host_norm(params),
                           before=fold.before is not None,
                           grouped=fold.before is not None or transpose,
-                          groups=getattr(layer, "groups", 1), post=post)
+                          groups=getattr(layer, "groups", 1), post=post,
+                          out=None if out is weight else out)
+    if deferred is not None and out is not weight:
+        deferred.written.add(id(out))
     return p
 
 
-def prepare(model, folds: List[Fold], index: Optional[ModuleIndex] = None) -> Preparation:
+def prepare(model, folds: List[Fold], index: Optional[ModuleIndex] = None,
+            deferred: Optional["DeferredCopy"] = None) -> Preparation:
     """Checks and computes every fold, writing nothing. A fold whose fused values
     would overflow is left (reason ``overflow``); any other fault raises.
-    ``index``: the model's :class:`ModuleIndex`, if the caller has one."""
+    ``index``: the model's :class:`ModuleIndex`, if the caller has one.
+    ``deferred``: where ``model`` is a :class:`DeferredCopy`'s copy; then each
+    fold reads its layer's original weight and writes the copy's."""
     get = index.get if index is not None else model.get_submodule
     out = Preparation()
     for fold in folds:
         try:
-            out.folds.append(_prepare_one(get, fold))
+            out.folds.append(_prepare_one(get, fold, deferred))
         except _C.FoldError as exc:
             if exc.code != "overflow":
                 raise _fold_error(exc, fold) from None

@@ -33,13 +33,17 @@ def test_zoo_model(name):
     x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         y = model(x)
+        exact = copy.deepcopy(model).double()(x.double())
     fused, report = fuse(model, return_report=True)
     with torch.no_grad():
         y_fused = fused(x)
 
     assert type(fused) is type(model)
     assert_unchanged(model, snap)
-    assert rel_err(y, y_fused) <= 1e-4
+    # Against float64: the fused model's float32 error is of the model's own
+    # (inception_v3's is 8e-5 at this size, which a comparison of the two
+    # float32 outputs counts twice); a wrong fold is orders of magnitude more.
+    assert rel_err(exact, y_fused) <= 2 * rel_err(exact, y) + 1e-6
     assert len(report.fused) == EXPECTED[name]
     assert count_norms(fused) == count_norms(model) - EXPECTED[name]
     # every norm exactly once, fused or left
