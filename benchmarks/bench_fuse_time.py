@@ -4,7 +4,10 @@ For every model, each contender (benchmarks/common.py: CONTENDERS) fuses a
 fresh deep copy of the model (the copy is made untimed, so in-place contenders
 never see a model another one changed). The contenders run in alternating,
 rotated order (ABCD, BCDA, ...) for ``--rounds`` rounds and the median and
-quartiles of each are reported. gc.collect() runs before every timed call.
+quartiles of each are reported. gc.collect() and malloc_trim(0) run before
+every timed call, so that each call faults in the pages it allocates (a
+deep copy of resnet50 is 98 MiB) instead of getting the ones the case before
+it happened to leave free (common.interleaved: trim).
 
 A bare ``copy.deepcopy`` of the model is timed in the same rotation: copy
 mode's reference (deepcopy plus the in-place fuse).
@@ -63,7 +66,7 @@ def bench_model(name, rounds, keys, cache_dir):
     cases[DEEPCOPY] = copy.deepcopy
     times, errors = common.interleaved(
         cases, rounds, setup=lambda k: common.fresh(base),
-        teardown=lambda k, out: None if k == DEEPCOPY else check(k, out))
+        teardown=lambda k, out: None if k == DEEPCOPY else check(k, out), trim=True)
     for k in keys:
         c = row["contenders"][k]
         if k in errors:

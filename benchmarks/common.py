@@ -141,7 +141,17 @@ def summary(xs):
             "p25": q(0.25), "p75": q(0.75), "p90": q(0.9), "min": xs[0], "max": xs[-1]}
 
 
-def interleaved(cases, rounds, setup=None, teardown=None):
+def _malloc_trim():
+    """Gives the heap's free pages back to the OS (glibc), so that the next
+    allocation faults its pages in whatever freed memory came before it."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def interleaved(cases, rounds, setup=None, teardown=None, trim=False):
     """Times each case once per round, in alternating order (ABAB, rotated each
     round so that no case always runs first or last).
 
@@ -150,6 +160,10 @@ def interleaved(cases, rounds, setup=None, teardown=None):
         rounds: number of rounds.
         setup: optional callable(name) -> arg, run untimed before each call.
         teardown: optional callable(name, result), run untimed after each call.
+        trim: malloc_trim(0) after gc.collect(), before each timed call. The
+            rotation gives each case the same predecessor in every round, and
+            without it a case that allocates hundreds of MiB gets whatever
+            pages its predecessor left free: faulted in already, or not.
 
     Returns:
         dict name -> list of seconds, and dict name -> error string for a case
@@ -165,6 +179,8 @@ def interleaved(cases, rounds, setup=None, teardown=None):
                 continue
             arg = setup(name) if setup else None
             gc.collect()
+            if trim:
+                _malloc_trim()
             t0 = time.perf_counter()
             try:
                 out = cases[name](arg)

@@ -129,7 +129,9 @@ def fuse_time_section(data, title):
          "bare deepcopy", "copy / (deepcopy + in place)"]
     text = [f"### {title}", "",
             f"Median ms of {data.get('rounds')} alternating rounds (p25–p75); each call "
-            f"fuses a fresh deep copy (made untimed). A ratio is of medians, with its "
+            f"fuses a fresh deep copy (made untimed), after gc.collect() and "
+            f"malloc_trim(0), so that each call faults in the pages it allocates. A "
+            f"ratio is of medians, with its "
             f"spread from the quartiles (fusion's p25 over the peer's p75, to p75 over "
             f"p25); in-place peers are torch.fx, fuse_modules, the naive loop and the "
             f"diag-mm fold, copy peers torch.fx and fuse_modules. A bare "
