@@ -103,6 +103,36 @@ typedef struct {
     double check, prep_apply, into_out;
 } timings;
 
+/* The median time of what csrc/module.c does for a fold (affine map, check,
+ * apply), the weight restored from pristine (untimed) before each run. */
+static double
+time_prep_apply(fusion_fold *f, fusion_norm *norm, int64_t rows, double *scale,
+                double *new_bias, float *bias, int reps, double *t,
+                unsigned char *w, const unsigned char *pristine, size_t bytes,
+                const char *what)
+{
+    fusion_where where;
+    for (int k = 0; k < reps; k++) {
+        memcpy(w, pristine, bytes);
+        memset(bias, 0, (size_t)rows * sizeof(float));
+        double t0 = now();
+        fusion_status st = fusion_norm_affine(norm, FUSION_PART_NORM, rows,
+                                              scale, NULL, &where);
+        if (st == FUSION_OK) {
+            st = fusion_fold_check(f, new_bias, &where);
+        }
+        if (st == FUSION_OK) {
+            fusion_fold_apply(f, new_bias);
+        }
+        t[k] = now() - t0;
+        if (st != FUSION_OK) {
+            fprintf(stderr, "%s: %s\n", what, fusion_status_str(st));
+            exit(1);
+        }
+    }
+    return median(t, reps);
+}
+
 /* Times one dtype on the current path. */
 static timings
 time_fold(fusion_dtype dt, size_t bytes, int reps, unsigned char *w,
@@ -167,46 +197,12 @@ time_fold(fusion_dtype dt, size_t bytes, int reps, unsigned char *w,
         }
     }
     out.check = median(t, reps);
-    for (int k = 0; k < reps; k++) {
-        memcpy(w, pristine, bytes);
-        memset(bias, 0, (size_t)rows * sizeof(float));
-        double t0 = now();
-        fusion_status st = fusion_norm_affine(&norm, FUSION_PART_NORM, rows,
-                                              scale, NULL, &where);
-        if (st == FUSION_OK) {
-            st = fusion_fold_check(&f, new_bias, &where);
-        }
-        if (st == FUSION_OK) {
-            fusion_fold_apply(&f, new_bias);
-        }
-        t[k] = now() - t0;
-        if (st != FUSION_OK) {
-            fprintf(stderr, "prepare: %s\n", fusion_status_str(st));
-            exit(1);
-        }
-    }
-    out.prep_apply = median(t, reps);
-    memcpy(w, pristine, bytes);
+    out.prep_apply = time_prep_apply(&f, &norm, rows, scale, new_bias, bias,
+                                     reps, t, w, pristine, bytes, "prepare");
     f.out = f.weight;
     f.out.data = dst;
-    for (int k = 0; k < reps; k++) {
-        memset(bias, 0, (size_t)rows * sizeof(float));
-        double t0 = now();
-        fusion_status st = fusion_norm_affine(&norm, FUSION_PART_NORM, rows,
-                                              scale, NULL, &where);
-        if (st == FUSION_OK) {
-            st = fusion_fold_check(&f, new_bias, &where);
-        }
-        if (st == FUSION_OK) {
-            fusion_fold_apply(&f, new_bias);
-        }
-        t[k] = now() - t0;
-        if (st != FUSION_OK) {
-            fprintf(stderr, "into out: %s\n", fusion_status_str(st));
-            exit(1);
-        }
-    }
-    out.into_out = median(t, reps);
+    out.into_out = time_prep_apply(&f, &norm, rows, scale, new_bias, bias,
+                                   reps, t, w, pristine, bytes, "into out");
     free(t);
     free(stats);
     free(scale);
