@@ -86,7 +86,7 @@ def _extension():
         # torch's. With an rpath, a build for another torch would load a second
         # libtorch into the process, whose initialisers abort it.
         library_dirs=library_dirs,
-        libraries=["c10", "torch_cpu", "torch", "torch_python"],
+        libraries=["c10", "torch_cpu", "torch", "torch_python", "m"],
         define_macros=[
             ("_GLIBCXX_USE_CXX11_ABI", str(torch_config.abi)),
             ("FUSION_TORCH_VERSION", '"%s"' % torch_config.version),

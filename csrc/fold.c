@@ -11,11 +11,15 @@
  */
 #include "fold.h"
 
+#include <fenv.h>
 #include <float.h>
 #include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 /* A fold into another tensor of at least this many bytes uses non-temporal
  * stores (tests/c builds a second binary with 1, so that every such fold
@@ -29,6 +33,36 @@
 #ifndef FUSION_OMP_NUMEL
 #define FUSION_OMP_NUMEL (1 << 20)
 #endif
+
+/* ------------------------------------------------------------------------ */
+/* The floating-point environment.                                           */
+
+/* Every computation here assumes the default environment: round to nearest
+ * even, x87 extended precision for long double, and subnormals kept. The
+ * caller's may differ: torch.set_flush_denormal(True) sets SSE's
+ * flush-to-zero and denormals-are-zero, which would turn subnormal weights
+ * and products into zeros. So each entry point that computes (and each
+ * OpenMP thread it starts) runs in the default environment and gives the
+ * caller's back, flags included, when it returns. */
+typedef struct {
+    fenv_t env;
+} fp_saved;
+
+static void
+fp_enter(fp_saved *saved)
+{
+    fegetenv(&saved->env);
+    fesetenv(FE_DFL_ENV);
+#if defined(__SSE__)
+    _mm_setcsr(0x1F80); /* exceptions masked, to nearest, no FTZ or DAZ */
+#endif
+}
+
+static void
+fp_leave(const fp_saved *saved)
+{
+    fesetenv(&saved->env);
+}
 
 /* ------------------------------------------------------------------------ */
 /* Scalars: exact loads and once-rounded stores.                             */
@@ -353,7 +387,7 @@ static const isa_kernels KERNELS_BASE = {
 #include <cpuid.h>
 #include <immintrin.h>
 
-#define AVX2_TARGET __attribute__((target("avx2,f16c")))
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,f16c")))
 
 /* Low 29 bits of a float64's significand: what float32 drops. */
@@ -518,7 +552,8 @@ scale_f32_avx2(void *dst, const void *src, int64_t n, double s, int stream)
 }
 
 AVX2_TARGET static void
-scale_f16_avx2(void *dst, const void *src, int64_t n, double s, int stream)
+scale_f16_exact_avx2(void *dst, const void *src, int64_t n, double s,
+                     int stream)
 {
     unsigned char *q = (unsigned char *)dst;
     const unsigned char *x16 = (const unsigned char *)src;
@@ -564,7 +599,8 @@ subnormal_avx2(__m256i b)
 }
 
 AVX2_TARGET static void
-scale_bf16_avx2(void *dst, const void *src, int64_t n, double s, int stream)
+scale_bf16_exact_avx2(void *dst, const void *src, int64_t n, double s,
+                      int stream)
 {
     unsigned char *q = (unsigned char *)dst;
     const unsigned char *x16 = (const unsigned char *)src;
@@ -602,6 +638,165 @@ scale_bf16_avx2(void *dst, const void *src, int64_t n, double s, int stream)
         }
     }
     scale_bf16_base(q + 2 * k, x16 + 2 * k, n - k, s, 0);
+}
+
+/* The float32 path of the 16-bit scale kernels.
+ *
+ * A float16 weight has 11 significant bits and a bfloat16 one 8, so its
+ * product with a scale cut to 13 (float16) or 16 (bfloat16) bits is exact
+ * in float32 (when not below 2^-126). The scale is split as s = hi + lo: hi
+ * is s truncated toward zero to those bits, lo = s - hi (exact in float64,
+ * of s's sign) rounded to float32. Then p = fma(x, lo, x * hi) is within
+ * one float32 ulp of x * s: half an ulp for the fma's rounding, half of
+ * 2^-149 more where x * hi is itself a rounded float32 subnormal, and
+ * x * (lo's rounding), below 2^-35 of x * s.
+ *
+ * Where p is two or more float32 ulps from every rounding midpoint of the
+ * weight's dtype, x * s lies on p's side of each, and so does the float64
+ * product, which is within 2^-53 of x * s and can neither reach nor cross a
+ * midpoint (each is a float64 value): rounding p then gives the float64
+ * product rounded once. A vector in which some p lies within one ulp of a
+ * midpoint (the bits that the dtype drops are 0x7FFF, 0x8000 or 0x8001 for
+ * bfloat16, 0x0FFF, 0x1000 or 0x1001 for float16, read as below for its
+ * subnormals) is done by the exact kernel above. bfloat16's subnormals are
+ * float32's with the same 16 bits dropped, so the test and the integer
+ * rounding hold there as they are. Zeros need nothing: x * hi and x * lo
+ * are zeros of the same sign, so p is the signed zero that the float64
+ * product is. A scale outside [2^-100, 2^100] takes the exact kernel for
+ * the whole run (so that hi and lo are float32 values, and lo's rounding is
+ * relative to s). */
+typedef struct {
+    float hi, lo;
+} split_scale;
+
+static int
+split_for_f32(double s, int keep, split_scale *out)
+{
+    double a = fabs(s);
+    if (!(a >= 0x1p-100 && a <= 0x1p100)) {
+        return 0;
+    }
+    uint64_t b;
+    memcpy(&b, &s, sizeof b);
+    b &= ~((UINT64_C(1) << (53 - keep)) - 1);
+    double hi;
+    memcpy(&hi, &b, sizeof hi);
+    out->hi = (float)hi;
+    out->lo = copysignf((float)(s - hi), (float)s);
+    return 1;
+}
+
+/* A mask of the float lanes of p within one ulp of a midpoint: the low
+ * `drop` bits of p, plus half of their range plus one, are below 3. Also
+ * returns those bits added (u), which round p to nearest wherever the
+ * mask is clear. */
+#define NEAR_MIDPOINT_AVX2(p, drop, u)                                        \
+    _mm256_cmpgt_epi32(                                                       \
+        _mm256_set1_epi32(3),                                                 \
+        _mm256_and_si256(                                                     \
+            (u = _mm256_add_epi32(_mm256_castps_si256(p),                     \
+                                  _mm256_set1_epi32((1 << ((drop)-1)) + 1))), \
+            _mm256_set1_epi32((1 << (drop)) - 1)))
+
+AVX2_TARGET static void
+scale_bf16_avx2(void *dst, const void *src, int64_t n, double s, int stream)
+{
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x16 = (const unsigned char *)src;
+    split_scale sp;
+    if (n < 16 || !split_for_f32(s, 16, &sp)) {
+        scale_bf16_exact_avx2(dst, src, n, s, stream);
+        return;
+    }
+    const __m256 vhi = _mm256_set1_ps(sp.hi), vlo = _mm256_set1_ps(sp.lo);
+    const __m256i zero = _mm256_setzero_si256();
+    int64_t k = stream_head(q, stream, 32, 2, n);
+    scale_bf16_exact_avx2(q, x16, k, s, 0);
+    for (; k + 16 <= n; k += 16) {
+        PREFETCH(x16 + 2 * k);
+        __m256i v = _mm256_loadu_si256((const __m256i *)(x16 + 2 * k));
+        /* Lanes 0-3 and 8-11 of v, and 4-7 and 12-15, as floats. */
+        __m256 a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, v));
+        __m256 c = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, v));
+        a = _mm256_fmadd_ps(a, vlo, _mm256_mul_ps(a, vhi));
+        c = _mm256_fmadd_ps(c, vlo, _mm256_mul_ps(c, vhi));
+        __m256i ua, uc;
+        __m256i bad = _mm256_or_si256(NEAR_MIDPOINT_AVX2(a, 16, ua),
+                                      NEAR_MIDPOINT_AVX2(c, 16, uc));
+        if (!_mm256_testz_si256(bad, bad)) {
+            scale_bf16_exact_avx2(q + 2 * k, x16 + 2 * k, 16, s, 0);
+            continue;
+        }
+        /* packus keeps each 128-bit lane's order: back to 0-15. */
+        __m256i r = _mm256_packus_epi32(_mm256_srli_epi32(ua, 16),
+                                        _mm256_srli_epi32(uc, 16));
+        if (stream) {
+            _mm256_stream_si256((__m256i *)(q + 2 * k), r);
+        }
+        else {
+            _mm256_storeu_si256((__m256i *)(q + 2 * k), r);
+        }
+    }
+    scale_bf16_exact_avx2(q + 2 * k, x16 + 2 * k, n - k, s, 0);
+}
+
+/* |p|, plus 2^-14 where |p| < 2^-14: float16's subnormals lie 2^-24 apart
+ * below 2^-14, and so do its values in [2^-14, 2^-13), where float32 drops
+ * the same 13 bits as in any binade. The sum is off by at most 2^-38, and
+ * p by at most half its ulp (2^-39 there) and 2^-35 of itself: within one
+ * float32 ulp of [2^-14, 2^-13), 2^-37, in all, so the midpoint test above
+ * holds for the sum. */
+AVX2_TARGET static inline __m256
+f16_grid_avx2(__m256 p, __m256 sub)
+{
+    __m256 a = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), p);
+    return _mm256_add_ps(
+        a, _mm256_and_ps(_mm256_cmp_ps(a, sub, _CMP_LT_OQ), sub));
+}
+
+AVX2_TARGET static void
+scale_f16_avx2(void *dst, const void *src, int64_t n, double s, int stream)
+{
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x16 = (const unsigned char *)src;
+    split_scale sp;
+    if (n < 16 || !split_for_f32(s, 13, &sp)) {
+        scale_f16_exact_avx2(dst, src, n, s, stream);
+        return;
+    }
+    const __m256 vhi = _mm256_set1_ps(sp.hi), vlo = _mm256_set1_ps(sp.lo);
+    const __m256 sub = _mm256_set1_ps(0x1p-14f);
+    int64_t k = stream_head(q, stream, 32, 2, n);
+    scale_f16_exact_avx2(q, x16, k, s, 0);
+    for (; k + 16 <= n; k += 16) {
+        PREFETCH(x16 + 2 * k);
+        __m256i v = _mm256_loadu_si256((const __m256i *)(x16 + 2 * k));
+        __m256 a = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+        __m256 c = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
+        a = _mm256_fmadd_ps(a, vlo, _mm256_mul_ps(a, vhi));
+        c = _mm256_fmadd_ps(c, vlo, _mm256_mul_ps(c, vhi));
+        __m256i ua, uc;
+        __m256 ga = f16_grid_avx2(a, sub), gc = f16_grid_avx2(c, sub);
+        __m256i bad = _mm256_or_si256(NEAR_MIDPOINT_AVX2(ga, 13, ua),
+                                      NEAR_MIDPOINT_AVX2(gc, 13, uc));
+        (void)ua;
+        (void)uc;
+        if (!_mm256_testz_si256(bad, bad)) {
+            scale_f16_exact_avx2(q + 2 * k, x16 + 2 * k, 16, s, 0);
+            continue;
+        }
+        __m256i r = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(
+                _mm256_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT)),
+            _mm256_cvtps_ph(c, _MM_FROUND_TO_NEAREST_INT), 1);
+        if (stream) {
+            _mm256_stream_si256((__m256i *)(q + 2 * k), r);
+        }
+        else {
+            _mm256_storeu_si256((__m256i *)(q + 2 * k), r);
+        }
+    }
+    scale_f16_exact_avx2(q + 2 * k, x16 + 2 * k, n - k, s, 0);
 }
 
 static const isa_kernels KERNELS_AVX2 = {
@@ -814,7 +1009,8 @@ isa_probe(fusion_isa isa)
 #ifdef FUSION_X86_PATHS
         case FUSION_ISA_AVX2:
             __builtin_cpu_init();
-            return __builtin_cpu_supports("avx2") && has_f16c();
+            return __builtin_cpu_supports("avx2") &&
+                   __builtin_cpu_supports("fma") && has_f16c();
         case FUSION_ISA_AVX512:
             __builtin_cpu_init();
             return __builtin_cpu_supports("avx512f") &&
@@ -1441,9 +1637,9 @@ nonfinite_field(double mean, double var, double gamma, double beta,
     return FUSION_FIELD_NONE;
 }
 
-fusion_status
-fusion_norm_affine(const fusion_norm *norm, fusion_part part, int64_t channels,
-                   double *scale, double *shift, fusion_where *where)
+static fusion_status
+norm_affine(const fusion_norm *norm, fusion_part part, int64_t channels,
+            double *scale, double *shift, fusion_where *where)
 {
     if (norm == NULL || scale == NULL || channels < 0) {
         set_where(where, FUSION_PART_NONE, FUSION_FIELD_NONE, -1, 0.0);
@@ -1490,6 +1686,17 @@ fusion_norm_affine(const fusion_norm *norm, fusion_part part, int64_t channels,
         }
     }
     return FUSION_OK;
+}
+
+fusion_status
+fusion_norm_affine(const fusion_norm *norm, fusion_part part, int64_t channels,
+                   double *scale, double *shift, fusion_where *where)
+{
+    fp_saved env;
+    fp_enter(&env);
+    fusion_status st = norm_affine(norm, part, channels, scale, shift, where);
+    fp_leave(&env);
+    return st;
 }
 
 /* gamma / sqrt(var + eps) of channel c in long double. Used for float64
@@ -1594,27 +1801,33 @@ weights_ok_parallel(const fusion_fold *fold, int64_t d0, int64_t d1, int64_t a,
         return 0;
     }
     int ok = 1;
-#pragma omp parallel for schedule(static) reduction(&& : ok)
-    for (int64_t i0 = 0; i0 < d0; i0++) {
-        for (int64_t i1 = 0; i1 < d1 && ok; i1++) {
-            int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
-            double m = 0.0;
-            int64_t bad = 0;
-            FOR_EACH_RUN(r, base, off, count, stride, {
-                double mm = 0.0;
-                if (run_maxabs_sum(w, off, count, stride, &mm, NULL, &bad) <
-                    0) {
-                    ok = 0;
-                    break;
-                }
-                m = mm > m ? mm : m;
-            });
-            long double s = fabsl(elem_scale(fold, i0, i1, a));
-            double largest = w->dtype == FUSION_DTYPE_F64
-                                 ? (double)((long double)m * s)
-                                 : m * (double)s;
-            ok = ok && fusion_fits(largest, w->dtype);
+#pragma omp parallel reduction(&& : ok)
+    {
+        fp_saved env;
+        fp_enter(&env);
+#pragma omp for schedule(static)
+        for (int64_t i0 = 0; i0 < d0; i0++) {
+            for (int64_t i1 = 0; i1 < d1 && ok; i1++) {
+                int64_t base = i0 * w->strides[0] + i1 * w->strides[1];
+                double m = 0.0;
+                int64_t bad = 0;
+                FOR_EACH_RUN(r, base, off, count, stride, {
+                    double mm = 0.0;
+                    if (run_maxabs_sum(w, off, count, stride, &mm, NULL,
+                                       &bad) < 0) {
+                        ok = 0;
+                        break;
+                    }
+                    m = mm > m ? mm : m;
+                });
+                long double s = fabsl(elem_scale(fold, i0, i1, a));
+                double largest = w->dtype == FUSION_DTYPE_F64
+                                     ? (double)((long double)m * s)
+                                     : m * (double)s;
+                ok = ok && fusion_fits(largest, w->dtype);
+            }
         }
+        fp_leave(&env);
     }
     return ok;
 #else
@@ -1881,9 +2094,8 @@ after_bias(const fusion_fold *fold, double *new_bias, fusion_where *where)
     return FUSION_OK;
 }
 
-fusion_status
-fusion_fold_check(const fusion_fold *fold, double *new_bias,
-                  fusion_where *where)
+static fusion_status
+fold_check(const fusion_fold *fold, double *new_bias, fusion_where *where)
 {
     if (fold == NULL || new_bias == NULL) {
         set_where(where, FUSION_PART_NONE, FUSION_FIELD_NONE, -1, 0.0);
@@ -1904,8 +2116,19 @@ fusion_fold_check(const fusion_fold *fold, double *new_bias,
     return after_bias(fold, new_bias, where);
 }
 
-void
-fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
+fusion_status
+fusion_fold_check(const fusion_fold *fold, double *new_bias,
+                  fusion_where *where)
+{
+    fp_saved env;
+    fp_enter(&env);
+    fusion_status st = fold_check(fold, new_bias, where);
+    fp_leave(&env);
+    return st;
+}
+
+static void
+fold_apply(const fusion_fold *fold, const double *new_bias)
 {
     const fusion_view *w = &fold->weight;
     const fusion_view *out = view_present(&fold->out) ? &fold->out : w;
@@ -1924,6 +2147,8 @@ fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
 #pragma omp parallel if (numel >= FUSION_OMP_NUMEL)
 #endif
     {
+        fp_saved env; /* OpenMP's threads have environments of their own */
+        fp_enter(&env);
 #ifdef _OPENMP
 #pragma omp for schedule(static)
 #endif
@@ -1938,10 +2163,20 @@ fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
         if (stream) {
             kern->fence(); /* each thread's own stores */
         }
+        fp_leave(&env);
     }
     int64_t d_out = fusion_fold_out_channels(fold);
     const fusion_view *b = &fold->bias_out;
     for (int64_t o = 0; o < d_out; o++) {
         fusion_store(elem_ptr(b, o * b->strides[0]), b->dtype, new_bias[o]);
     }
+}
+
+void
+fusion_fold_apply(const fusion_fold *fold, const double *new_bias)
+{
+    fp_saved env;
+    fp_enter(&env);
+    fold_apply(fold, new_bias);
+    fp_leave(&env);
 }

@@ -26,6 +26,7 @@
  */
 #include "fold.h"
 
+#include <fenv.h>
 #include <float.h>
 #include <inttypes.h>
 #include <math.h>
@@ -33,6 +34,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define HAVE_MXCSR 1
+#endif
 
 typedef __float128 quad;
 
@@ -2416,6 +2421,11 @@ test_isa_exhaustive16(void)
         1.5,
         0.75 - 0x1p-35,
         -1.0 - 0x1p-9 - 0x1p-31,
+        /* Negative scales of a few bits: x * s's float32 split has lo = 0,
+         * and a zero weight times each must keep its sign. */
+        -1.0,
+        -1.5,
+        -1.0 - 0x1p-11,
     };
     static const int shifts[] = {0,    -5,   -10,  -14,  -20, -24, -25, -30,
                                  -120, -126, -133, -140, 1,   15,  100};
@@ -2520,6 +2530,44 @@ test_isa_midpoints(void)
     g_context[0] = '\0';
 }
 
+/* Signed zeros among normal weights, in every lane of a vector, times
+ * scales of either sign, short ones included (whose float32 split has a
+ * zero low part): each product is the zero of sign x's sign times s's. */
+static void
+test_isa_signed_zeros(void)
+{
+    static const double scales[] = {-1.0, -1.5,   -0x1p-3, -1.0 - 0x1p-11,
+                                    1.0,  0.375, -1.1,    -0x1.8p10};
+    const int64_t rows = (int64_t)(sizeof scales / sizeof scales[0]);
+    const int64_t cols = 67;
+    for (int di = 0; di < 2; di++) {
+        fusion_dtype dt = di == 0 ? FUSION_DTYPE_F16 : FUSION_DTYPE_BF16;
+        uint16_t *w = xcalloc((size_t)(rows * cols), 2);
+        uint16_t *out = xcalloc((size_t)(rows * cols), 2);
+        for (int64_t i = 0; i < rows * cols; i++) {
+            int64_t j = i % cols;
+            double x = j % 5 == 2 ? 0.0 : 0.5 + (double)(j % 7) / 8;
+            x = (j / 3) % 2 ? -x : x;
+            write_bits(&w[i], dt, bits_of_double(dt, x));
+        }
+        snprintf(g_context, sizeof g_context, "%s", dtype_name(dt));
+        fusion_status st;
+        isa_compare("signed zeros", dt, rows, cols, w, scales, &st, out);
+        CHECK(st == FUSION_OK, "status %s", fusion_status_str(st));
+        int64_t bad = 0;
+        for (int64_t i = 0; i < rows * cols; i++) {
+            if ((w[i] & 0x7FFF) == 0) {
+                int neg = ((w[i] >> 15) != 0) != (scales[i / cols] < 0);
+                bad += out[i] != (neg ? 0x8000 : 0);
+            }
+        }
+        CHECK(bad == 0, "%" PRId64 " zeros with the wrong sign", bad);
+        free(w);
+        free(out);
+    }
+    g_context[0] = '\0';
+}
+
 /* float32 weights: random encodings at every exponent, times random scales
  * and scales that put products at float32 midpoints. */
 static void
@@ -2551,6 +2599,103 @@ test_isa_f32(void)
     g_isa_values += rows * cols;
     free(w);
     free(gamma);
+}
+
+/* The caller's floating-point environment does not change a fold: with
+ * SSE's flush-to-zero and denormals-are-zero set (what
+ * torch.set_flush_denormal(True) sets) and rounding toward +infinity, every
+ * path gives the bits the baseline gives in the default environment, for
+ * weights and products in every dtype's subnormal range; and the caller's
+ * environment is as it was afterwards. */
+static void
+test_fp_environment(void)
+{
+    const int64_t rows = 24, cols = 131;
+    for (int di = 0; di < 4; di++) {
+        fusion_dtype dt = ALL_DTYPES[di];
+        size_t es = esize(dt);
+        unsigned char *w = xcalloc((size_t)(rows * cols), es);
+        double *gamma = xcalloc((size_t)rows, sizeof(double));
+        double emin = dt == FUSION_DTYPE_F16    ? -24
+                      : dt == FUSION_DTYPE_F64 ? -1074
+                                               : -149;
+        for (int64_t r = 0; r < rows; r++) {
+            /* Scales from 2^-12 to 2^11, so that products of the smallest
+             * weights land among the subnormals, or leave them. */
+            gamma[r] = ldexp(1.0 + rng_unit(), (int)(r - 12)) *
+                       (r % 2 ? -1.0 : 1.0);
+            for (int64_t j = 0; j < cols; j++) {
+                /* Weights from the smallest subnormal up by powers of
+                 * two, with random significands, and zeros. */
+                double x = j % 9 == 4 ? 0.0
+                                      : ldexp(1.0 + rng_unit(),
+                                              (int)(emin + (double)(j % 40)));
+                x = ref_decode(dt, bits_of_double(dt, (j % 3) ? x : -x));
+                if (!fusion_fits(x * gamma[r], dt)) {
+                    x = 1.0;
+                }
+                write_bits(w + (r * cols + j) * (int64_t)es, dt,
+                           bits_of_double(dt, x));
+            }
+        }
+        isa_result ref, got;
+        ref.w = xcalloc((size_t)(rows * cols), es);
+        got.w = xcalloc((size_t)(rows * cols), es);
+        double *bias0 = xcalloc((size_t)rows, sizeof(double));
+        double *bias1 = xcalloc((size_t)rows, sizeof(double));
+        fusion_set_isa(FUSION_ISA_BASELINE);
+        isa_fold(dt, rows, cols, w, gamma, &ref, bias0);
+        CHECK(ref.st == FUSION_OK, "%s: status %s", dtype_name(dt),
+              fusion_status_str(ref.st));
+        for (int k = 0; k < 3; k++) {
+            if (!fusion_isa_supported(ALL_ISAS[k])) {
+                continue;
+            }
+            fusion_set_isa(ALL_ISAS[k]);
+#ifdef HAVE_MXCSR
+            unsigned csr = _mm_getcsr();
+            _mm_setcsr(csr | 0x8040u); /* FTZ, DAZ */
+            unsigned hostile = _mm_getcsr();
+#endif
+            CHECK(fesetround(FE_UPWARD) == 0, "fesetround");
+            isa_fold(dt, rows, cols, w, gamma, &got, bias1);
+            int round = fegetround();
+            fesetround(FE_TONEAREST);
+#ifdef HAVE_MXCSR
+            unsigned after = _mm_getcsr();
+            _mm_setcsr(csr);
+            CHECK(after == hostile, "%s %s: MXCSR 0x%x after the fold, 0x%x "
+                  "before", dtype_name(dt), fusion_isa_str(ALL_ISAS[k]),
+                  after, hostile);
+#endif
+            CHECK(round == FE_UPWARD, "%s %s: the rounding mode changed",
+                  dtype_name(dt), fusion_isa_str(ALL_ISAS[k]));
+            int64_t differ = 0, first = -1;
+            for (int64_t i = 0; i < rows * cols; i++) {
+                if (memcmp(got.w + i * (int64_t)es, ref.w + i * (int64_t)es,
+                           es) != 0) {
+                    differ++;
+                    first = first < 0 ? i : first;
+                }
+            }
+            CHECK(got.st == FUSION_OK && differ == 0,
+                  "%s %s: %" PRId64 " weights differ, first [%" PRId64
+                  "]: 0x%" PRIx64 " vs 0x%" PRIx64,
+                  dtype_name(dt), fusion_isa_str(ALL_ISAS[k]), differ, first,
+                  first >= 0 ? read_bits(got.w + first * (int64_t)es, dt) : 0,
+                  first >= 0 ? read_bits(ref.w + first * (int64_t)es, dt) : 0);
+            CHECK(memcmp(bias0, bias1, (size_t)rows * sizeof(double)) == 0,
+                  "%s %s: biases differ", dtype_name(dt),
+                  fusion_isa_str(ALL_ISAS[k]));
+        }
+        fusion_set_isa(FUSION_ISA_AUTO);
+        free(w);
+        free(gamma);
+        free(ref.w);
+        free(got.w);
+        free(bias0);
+        free(bias1);
+    }
 }
 
 /* The check pass on every path: a NaN or infinity, or an overflowing
@@ -2693,8 +2838,10 @@ main(int argc, char **argv)
     run("isa api", test_isa_api);
     run("isa exhaustive 16-bit", test_isa_exhaustive16);
     run("isa midpoints", test_isa_midpoints);
+    run("isa signed zeros", test_isa_signed_zeros);
     run("isa f32", test_isa_f32);
     run("isa check pass", test_isa_check);
+    run("fp environment", test_fp_environment);
     run("isa summary", test_isa_summary);
     printf("%d passed, %d failed\n", g_passed, g_failed);
     return g_failed == 0 ? 0 : 1;
