@@ -168,3 +168,36 @@ def test_half_model_natively_errs_like_the_unfused_one(name, dtype):
         own = rel_err(want, model(x.to(dtype)))
         err = rel_err(want, fused(x.to(dtype)))
     assert 0 < err <= HALF_MULTIPLE * own, (err, own)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_flush_denormal_changes_no_fused_value(dtype):
+    """torch.set_flush_denormal(True) sets the CPU's flush-to-zero and
+    denormals-are-zero; the core folds in the default environment anyway, so
+    subnormal weights and products come out as the same bits, and the
+    caller's setting is still on afterwards."""
+    gen = torch.Generator().manual_seed(5)
+    tiny = {torch.float16: 2.0 ** -18, torch.bfloat16: 2.0 ** -128,
+            torch.float32: 2.0 ** -128}[dtype]
+    conv = nn.Conv2d(8, 32, 3, bias=False)
+    with torch.no_grad():
+        w = torch.randn(conv.weight.shape, generator=gen, dtype=torch.float64)
+        # every weight below or near the dtype's normal range
+        conv.weight.copy_(w * tiny)
+    model = nn.Sequential(conv, _bn(32, gen)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.copy_((w * tiny).to(dtype))
+    bits = torch.int16 if dtype != torch.float32 else torch.int32
+    assert (model[0].weight.abs() < torch.finfo(dtype).tiny).any()
+    expected = fuse(model)[0].weight.detach().view(bits).clone()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode")
+    try:
+        got = fuse(model)[0].weight.detach().view(bits).clone()
+        probe = (torch.tensor([2.0 ** -100]) * torch.tensor([2.0 ** -40])).item()
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(got, expected)
+    assert probe == 0.0, "fuse() turned the caller's flush-to-zero off"
+    w_exact, _ = exact_after(model[0].weight, None, model[1])
+    check_precision(fuse(model)[0].weight, w_exact)
