@@ -914,7 +914,8 @@ scale_f32_avx512(void *dst, const void *src, int64_t n, double s, int stream)
 }
 
 AVX512_TARGET static void
-scale_f16_avx512(void *dst, const void *src, int64_t n, double s, int stream)
+scale_f16_exact_avx512(void *dst, const void *src, int64_t n, double s,
+                       int stream)
 {
     unsigned char *q = (unsigned char *)dst;
     const unsigned char *x16 = (const unsigned char *)src;
@@ -940,7 +941,8 @@ scale_f16_avx512(void *dst, const void *src, int64_t n, double s, int stream)
 }
 
 AVX512_TARGET static void
-scale_bf16_avx512(void *dst, const void *src, int64_t n, double s, int stream)
+scale_bf16_exact_avx512(void *dst, const void *src, int64_t n, double s,
+                        int stream)
 {
     unsigned char *q = (unsigned char *)dst;
     const unsigned char *x16 = (const unsigned char *)src;
@@ -976,6 +978,110 @@ scale_bf16_avx512(void *dst, const void *src, int64_t n, double s, int stream)
         }
     }
     scale_bf16_base(q + 2 * k, x16 + 2 * k, n - k, s, 0);
+}
+
+/* The float32 path (see split_for_f32) with 32 weights a vector pair. */
+#define NEAR_MIDPOINT_AVX512(p, drop, u)                                      \
+    _mm512_cmplt_epu32_mask(                                                  \
+        _mm512_and_si512(                                                     \
+            (u = _mm512_add_epi32(_mm512_castps_si512(p),                     \
+                                  _mm512_set1_epi32((1 << ((drop)-1)) + 1))), \
+            _mm512_set1_epi32((1 << (drop)) - 1)),                            \
+        _mm512_set1_epi32(3))
+
+AVX512_TARGET static void
+scale_bf16_avx512(void *dst, const void *src, int64_t n, double s, int stream)
+{
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x16 = (const unsigned char *)src;
+    split_scale sp;
+    if (n < 32 || !split_for_f32(s, 16, &sp)) {
+        scale_bf16_exact_avx512(dst, src, n, s, stream);
+        return;
+    }
+    const __m512 vhi = _mm512_set1_ps(sp.hi), vlo = _mm512_set1_ps(sp.lo);
+    const __m512i zero = _mm512_setzero_si512();
+    int64_t k = stream_head(q, stream, 64, 2, n);
+    scale_bf16_exact_avx512(q, x16, k, s, 0);
+    for (; k + 32 <= n; k += 32) {
+        PREFETCH(x16 + 2 * k);
+        __m512i v = _mm512_loadu_si512((const void *)(x16 + 2 * k));
+        /* Per 128-bit lane, its low and its high four weights as floats. */
+        __m512 a = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, v));
+        __m512 c = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, v));
+        a = _mm512_fmadd_ps(a, vlo, _mm512_mul_ps(a, vhi));
+        c = _mm512_fmadd_ps(c, vlo, _mm512_mul_ps(c, vhi));
+        __m512i ua, uc;
+        if (NEAR_MIDPOINT_AVX512(a, 16, ua) |
+            NEAR_MIDPOINT_AVX512(c, 16, uc)) {
+            scale_bf16_exact_avx512(q + 2 * k, x16 + 2 * k, 32, s, 0);
+            continue;
+        }
+        __m512i r = _mm512_packus_epi32(_mm512_srli_epi32(ua, 16),
+                                        _mm512_srli_epi32(uc, 16));
+        if (stream) {
+            _mm512_stream_si512((void *)(q + 2 * k), r);
+        }
+        else {
+            _mm512_storeu_si512((void *)(q + 2 * k), r);
+        }
+    }
+    scale_bf16_exact_avx512(q + 2 * k, x16 + 2 * k, n - k, s, 0);
+}
+
+/* f16_grid_avx2's sum, on 16 lanes. */
+AVX512_TARGET static inline __m512
+f16_grid_avx512(__m512 p, __m512 sub)
+{
+    __m512 a = _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_castps_si512(p), _mm512_set1_epi32(F32_MAG)));
+    return _mm512_mask_add_ps(a, _mm512_cmp_ps_mask(a, sub, _CMP_LT_OQ), a,
+                              sub);
+}
+
+AVX512_TARGET static void
+scale_f16_avx512(void *dst, const void *src, int64_t n, double s, int stream)
+{
+    unsigned char *q = (unsigned char *)dst;
+    const unsigned char *x16 = (const unsigned char *)src;
+    split_scale sp;
+    if (n < 32 || !split_for_f32(s, 13, &sp)) {
+        scale_f16_exact_avx512(dst, src, n, s, stream);
+        return;
+    }
+    const __m512 vhi = _mm512_set1_ps(sp.hi), vlo = _mm512_set1_ps(sp.lo);
+    const __m512 sub = _mm512_set1_ps(0x1p-14f);
+    int64_t k = stream_head(q, stream, 64, 2, n);
+    scale_f16_exact_avx512(q, x16, k, s, 0);
+    for (; k + 32 <= n; k += 32) {
+        PREFETCH(x16 + 2 * k);
+        __m512i v = _mm512_loadu_si512((const void *)(x16 + 2 * k));
+        __m512 a = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
+        __m512 c = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
+        a = _mm512_fmadd_ps(a, vlo, _mm512_mul_ps(a, vhi));
+        c = _mm512_fmadd_ps(c, vlo, _mm512_mul_ps(c, vhi));
+        __m512i ua, uc;
+        __m512 ga = f16_grid_avx512(a, sub), gc = f16_grid_avx512(c, sub);
+        __mmask16 bad = NEAR_MIDPOINT_AVX512(ga, 13, ua) |
+                        NEAR_MIDPOINT_AVX512(gc, 13, uc);
+        (void)ua;
+        (void)uc;
+        if (bad) {
+            scale_f16_exact_avx512(q + 2 * k, x16 + 2 * k, 32, s, 0);
+            continue;
+        }
+        __m512i r = _mm512_inserti64x4(
+            _mm512_castsi256_si512(
+                _mm512_cvtps_ph(a, _MM_FROUND_TO_NEAREST_INT)),
+            _mm512_cvtps_ph(c, _MM_FROUND_TO_NEAREST_INT), 1);
+        if (stream) {
+            _mm512_stream_si512((void *)(q + 2 * k), r);
+        }
+        else {
+            _mm512_storeu_si512((void *)(q + 2 * k), r);
+        }
+    }
+    scale_f16_exact_avx512(q + 2 * k, x16 + 2 * k, n - k, s, 0);
 }
 
 static const isa_kernels KERNELS_AVX512 = {
