@@ -533,6 +533,15 @@ test_overflow_thresholds(void)
         CHECK(store_bits(dt, -below) == (sign | cases[i].max_bits),
               "%s: store(%a)", dtype_name(dt), -below);
         CHECK(!fusion_fits(1e300, dt), "%s: fits(1e300)", dtype_name(dt));
+        /* Past the threshold a store gives infinity; a NaN stays a NaN. */
+        uint64_t inf = cases[i].max_bits + 1;
+        CHECK(store_bits(dt, t) == inf, "%s: store(%a)", dtype_name(dt), t);
+        CHECK(store_bits(dt, -1e300) == (sign | inf), "%s: store(-1e300)",
+              dtype_name(dt));
+        CHECK(store_bits(dt, INFINITY) == inf, "%s: store(inf)",
+              dtype_name(dt));
+        CHECK((store_bits(dt, NAN) & ~sign) > inf, "%s: store(nan)",
+              dtype_name(dt));
     }
     for (size_t i = 0; i < 4; i++) {
         fusion_dtype dt = ALL_DTYPES[i];
@@ -2380,12 +2389,15 @@ naive_bits(fusion_dtype dt, double x)
 }
 
 /* Counts the products of a finished fold where rounding through float32
- * would have given another value than the (baseline's) correct one. */
+ * would have given another value than the (baseline's) correct one, and
+ * checks that the baseline stored each product as fusion_store rounds it:
+ * the paths are compared with the baseline, which is compared with this. */
 static void
 count_naive(fusion_dtype dt, int64_t rows, int64_t cols, const void *w_in,
             const double *gamma, const void *w_out)
 {
     size_t es = esize(dt);
+    int64_t wrong = 0, first = -1;
     for (int64_t i = 0; i < rows * cols; i++) {
         double x =
             fusion_load((const unsigned char *)w_in + i * (int64_t)es, dt) *
@@ -2393,7 +2405,15 @@ count_naive(fusion_dtype dt, int64_t rows, int64_t cols, const void *w_in,
         uint64_t good =
             read_bits((const unsigned char *)w_out + i * (int64_t)es, dt);
         g_isa_naive += naive_bits(dt, x) != good;
+        if (store_bits(dt, x) != good) {
+            wrong++;
+            first = first < 0 ? i : first;
+        }
     }
+    CHECK(wrong == 0,
+          "baseline: %" PRId64 " weights not the product rounded once, first "
+          "[%" PRId64 "]",
+          wrong, first);
     g_isa_values += rows * cols;
 }
 
