@@ -231,7 +231,7 @@ typedef struct {
     fusion_view *views[REF_COUNT];
     fusion_fold fold;
     fusion_norm norm, post;
-    double *arrays; /* scale, post_scale, new_bias */
+    double *arrays; /* scale, new_bias, post_scale (with a post norm) */
     double *new_bias;
     int64_t numel;
     int applied;
@@ -503,14 +503,17 @@ fold_compute(module_state *state, FoldObject *self)
         raise_arg(state, "shape", FUSION_PART_LAYER, FUSION_FIELD_WEIGHT, msg);
         return -1;
     }
+    /* The scales, the new bias, and the post norm's scales where there is
+     * one: kept until apply(), for every fold of a model at once. */
     size_t nc = (size_t)channels, no = (size_t)(d_out > 0 ? d_out : 1);
-    self->arrays = PyMem_Malloc((nc + 2 * no) * sizeof(double));
+    size_t np = fold->post != NULL ? no : 0;
+    self->arrays = PyMem_Malloc((nc + no + np) * sizeof(double));
     if (self->arrays == NULL) {
         PyErr_NoMemory();
         return -1;
     }
-    double *scale = self->arrays, *post_scale = scale + nc;
-    self->new_bias = post_scale + no;
+    double *scale = self->arrays, *post_scale = scale + nc + no;
+    self->new_bias = scale + nc;
     fusion_status st = fusion_norm_affine(&self->norm, FUSION_PART_NORM,
                                           channels, scale, NULL, &where);
     if (st == FUSION_OK && fold->post != NULL) {
