@@ -304,6 +304,23 @@ Fold_unchanged(FoldObject *self, PyObject *Py_UNUSED(ignored))
     return PyBool_FromLong(fold_unchanged(self));
 }
 
+/* Once applied, a fold needs nothing it holds: its per-channel arrays, its
+ * tensors and their storages go at once, not when the last reference to the
+ * object does (the report's), and the folded norms' tensors with them.
+ * unchanged() is then true (there is nothing left to change). */
+static void
+fold_release(FoldObject *self)
+{
+    PyMem_Free(self->arrays);
+    self->arrays = self->new_bias = NULL;
+    self->fold.scale = self->fold.post_scale = NULL;
+    for (int i = 0; i < REF_COUNT; i++) {
+        fusion_shim_storage_release(self->storages[i]);
+        self->storages[i] = NULL;
+    }
+    Fold_clear(self);
+}
+
 /* Writes the fold. There is no failure path here: every check ran in
  * prepare(), and the memory written is held by this object. A tensor whose
  * layout changed since prepare() (which the caller rules out with
@@ -325,6 +342,7 @@ Fold_apply(FoldObject *self, PyObject *Py_UNUSED(ignored))
         int into_out = self->fold.out.dtype != FUSION_DTYPE_NONE;
         fusion_shim_bump_version(self->refs[into_out ? REF_OUT : REF_WEIGHT]);
         fusion_shim_bump_version(self->refs[REF_BIAS_OUT]);
+        fold_release(self);
     }
     Py_RETURN_NONE;
 }

@@ -564,7 +564,8 @@ def fuse(model, *, inplace=False, example_inputs=None, verify=None, rtol=None,
                 deferred = None
                 evidence = _discover(target, args, fixed_shapes, index)
             plan = make_plan(target, evidence.flows, index)
-            preparation = rewrite.prepare(target, plan.folds, index, deferred)
+            preparation = rewrite.prepare(target, plan.folds, index, deferred,
+                                          apply=not inplace)
             if deferred is not None:
                 deferred.fill()
             _check_strict(strict, plan, preparation)

@@ -314,17 +314,25 @@ def _prepare_one(get, fold: Fold, deferred: Optional["DeferredCopy"]) -> Prepare
 
 
 def prepare(model, folds: List[Fold], index: Optional[ModuleIndex] = None,
-            deferred: Optional["DeferredCopy"] = None) -> Preparation:
+            deferred: Optional["DeferredCopy"] = None, apply=False) -> Preparation:
     """Checks and computes every fold, writing nothing. A fold whose fused values
     would overflow is left (reason ``overflow``); any other fault raises.
     ``index``: the model's :class:`ModuleIndex`, if the caller has one.
     ``deferred``: where ``model`` is a :class:`DeferredCopy`'s copy; then each
-    fold reads its layer's original weight and writes the copy's."""
+    fold reads its layer's original weight and writes the copy's.
+
+    ``apply``: writes each fold's weight and bias as soon as it is checked, for
+    a model that is fuse()'s own copy: a fault later discards the copy, so
+    nothing needs the all-or-nothing order there, and each fold's per-channel
+    arrays are freed before the next is computed (write() still installs the
+    biases and replaces the norms)."""
     get = index.get if index is not None else model.get_submodule
     out = Preparation()
     for fold in folds:
         try:
             out.folds.append(_prepare_one(get, fold, deferred))
+            if apply:
+                out.folds[-1].handle.apply()
         except _C.FoldError as exc:
             if exc.code != "overflow":
                 raise _fold_error(exc, fold) from None

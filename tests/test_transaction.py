@@ -4,7 +4,9 @@ A failure in any pair, found by Python or by the C core, leaves an in-place
 model bit for bit as it was; the write phase cannot be left half done (see
 test_write_phase.py); and a fused model that fails verification is restored.
 """
+import gc
 import types
+import weakref
 
 import pytest
 import torch
@@ -55,8 +57,8 @@ def inputs():
 
 
 class Spy:
-    """Stands in for fusion.rewrite._C: logs every prepare and every apply, and
-    can make the n-th prepare raise."""
+    """Stands in for fusion.rewrite._C: logs every prepare and every apply that
+    writes, and can make the n-th prepare raise."""
 
     def __init__(self, fail_on=None, error=None):
         self.events = []
@@ -76,8 +78,9 @@ class Spy:
             def unchanged(self):
                 return handle.unchanged()
 
-            def apply(self):
-                spy.events.append("apply")
+            def apply(self):  # logged where it writes (a second call does not)
+                if not handle.applied:
+                    spy.events.append("apply")
                 handle.apply()
 
         return Handle()
@@ -92,6 +95,14 @@ def fold_error(code, part, field, index=-1, value=0.0):
 # --- a failure in the third of five pairs writes nothing ------------------------------
 
 
+def up_to_third(inplace):
+    """The core's calls up to a failure in the third prepare: in place the first
+    two pairs were checked and computed, and none was written; a copy has each
+    written as soon as it is checked (the copy is dropped, and the model was never
+    written)."""
+    return ["prepare"] * 3 if inplace else ["prepare", "apply"] * 2 + ["prepare"]
+
+
 @pytest.mark.parametrize("inplace", [True, False])
 def test_nan_in_third_pair_writes_nothing(inplace, monkeypatch):
     model = five()
@@ -104,8 +115,7 @@ def test_nan_in_third_pair_writes_nothing(inplace, monkeypatch):
     assert info.value.layer == "pairs.2.bn" and info.value.code == "nonfinite"
     assert "running_var[3]" in str(info.value)
     assert_unchanged(model, snap)
-    # the first two pairs were checked and computed, and none was written
-    assert spy.events == ["prepare"] * 3
+    assert spy.events == up_to_third(inplace)
 
 
 @pytest.mark.parametrize("inplace", [True, False])
@@ -165,7 +175,7 @@ def test_core_error_on_third_prepare_writes_nothing(error, exc_type, layer, inpl
         assert info.value.layer == layer
         assert str(info.value).startswith(f"{layer}: ")
         assert info.value.code == error.code
-    assert spy.events == ["prepare"] * 3
+    assert spy.events == up_to_third(inplace)
     assert_unchanged(model, snap)
 
 
@@ -183,7 +193,8 @@ def test_overflow_in_third_pair_leaves_it_and_folds_the_rest(inplace, monkeypatc
     fused, report = fuse(model, inplace=inplace, return_report=True)
     assert [(n.norm, n.reason) for n in report.left] == [("pairs.2.bn", "overflow")]
     assert sorted(p.norm for p in report.fused) == [f"pairs.{i}.bn" for i in (0, 1, 3, 4)]
-    assert spy.events == ["prepare"] * 5 + ["apply"] * 4
+    assert spy.events == (["prepare"] * 5 + ["apply"] * 4 if inplace else
+                          ["prepare", "apply"] * 2 + ["prepare"] + ["prepare", "apply"] * 2)
     assert isinstance(fused.pairs[2].bn, nn.BatchNorm2d)
     for k, v in fused.pairs[2].state_dict().items():
         assert torch.equal(v, third[k]), k
@@ -195,9 +206,28 @@ def test_overflow_in_third_pair_leaves_it_and_folds_the_rest(inplace, monkeypatc
 def test_every_check_runs_before_the_first_write(monkeypatch):
     spy = Spy()
     monkeypatch.setattr(rewrite, "_C", spy.module)
-    _, report = fuse(five(), example_inputs=inputs(), return_report=True)
+    _, report = fuse(five(), inplace=True, example_inputs=inputs(), return_report=True)
     assert len(report.fused) == 5
     assert spy.events == ["prepare"] * 5 + ["apply"] * 5
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_a_copy_is_written_fold_by_fold(example, monkeypatch):
+    """Into fuse()'s own copy each fold is written as soon as it is checked (see
+    test_fold_apply_releases for what that frees)."""
+    spy = Spy()
+    monkeypatch.setattr(rewrite, "_C", spy.module)
+    model = five()
+    x = inputs()
+    with torch.no_grad():
+        want = model(x)
+    fused, report = fuse(model, example_inputs=x if example else None,
+                         return_report=True)
+    assert len(report.fused) == 5
+    assert spy.events == ["prepare", "apply"] * 5
+    with torch.no_grad():
+        got = fused(x)
+    assert float((got - want).norm() / want.norm()) <= 1e-5
 
 
 # --- the write phase ---------------------------------------------------------------
@@ -218,6 +248,24 @@ def test_fold_apply_writes_once():
     assert torch.equal(bias, torch.full((4,), -0.25))
     handle.apply()
     assert torch.equal(weight, once)
+
+
+def test_fold_apply_releases():
+    """An applied fold holds none of its tensors (nor its per-channel arrays):
+    they go at once, not when the handle does."""
+    weight, bias = torch.randn(4, 3, 3, 3), torch.zeros(4)
+    norm = NormParams(torch.full((4,), 0.5), torch.full((4,), 4.0), torch.ones(4), None,
+                      0.0)
+    handle = _C.prepare(weight=weight, bias_in=None, bias_out=bias, norm=norm,
+                        before=False, grouped=False, groups=1)
+    held = [weakref.ref(t) for t in (norm.running_mean, norm.running_var, norm.weight)]
+    del norm
+    gc.collect()
+    assert all(r() is not None for r in held)  # the handle holds the norm's tensors
+    handle.apply()
+    assert all(r() is None for r in held)
+    assert handle.applied and handle.unchanged()
+    assert torch.equal(bias, torch.full((4,), -0.25))
 
 
 # --- verification failure restores the model ------------------------------------------
