@@ -2,9 +2,11 @@
  * fold.c - the numeric core of fusion. See fold.h for the contract.
  *
  * Everything is computed in float64 from the stored values and rounded once,
- * to nearest even, to the destination dtype. float16 and bfloat16 are
- * rounded directly from float64, never through float32, so that a value is
- * rounded exactly once.
+ * to nearest even, to the destination dtype. A float16 or bfloat16 value is
+ * never rounded twice: where a kernel goes through float32 (the float32
+ * paths of the vector kernels, the portable kernels' conversion), it does so
+ * only where that is proven to give the float64 product rounded once, and
+ * rounds from float64 elsewhere.
  *
  * The check phase reads every weight once (finiteness, and the per-channel
  * maximum that decides overflow), the apply phase reads and writes it once.
@@ -21,15 +23,15 @@
 #include <xmmintrin.h>
 #endif
 
-/* A fold into another tensor of at least this many bytes uses non-temporal
- * stores (tests/c builds a second binary with 1, so that every such fold
- * does). */
 #if defined(__GNUC__) || defined(__clang__)
 #define NOINLINE __attribute__((noinline))
 #else
 #define NOINLINE
 #endif
 
+/* A fold into another tensor of at least this many bytes uses non-temporal
+ * stores (tests/c builds a second binary with 1, so that every such fold
+ * does). */
 #ifndef FUSION_STREAM_BYTES
 #define FUSION_STREAM_BYTES (1 << 20)
 #endif

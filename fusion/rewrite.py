@@ -46,6 +46,7 @@ class Prepared:
     install_bias: Optional[nn.Parameter] = None
     copy_back: List["HostCopy"] = field(default_factory=list)
     norms: Dict[str, nn.Module] = field(default_factory=dict)
+    fills: Optional[int] = None  # id of the DeferredCopy placeholder it writes
 
 
 @dataclass
@@ -309,37 +310,71 @@ def _prepare_one(get, fold: Fold, deferred: Optional["DeferredCopy"]) -> Prepare
                           groups=getattr(layer, "groups", 1), post=post,
                           out=None if out is weight else out)
     if deferred is not None and out is not weight:
-        deferred.written.add(id(out))
+        p.fills = id(out)
+        deferred.written.add(p.fills)
     return p
 
 
 def prepare(model, folds: List[Fold], index: Optional[ModuleIndex] = None,
             deferred: Optional["DeferredCopy"] = None, apply=False) -> Preparation:
     """Checks and computes every fold, writing nothing. A fold whose fused values
-    would overflow is left (reason ``overflow``); any other fault raises.
+    would overflow is left (reason ``overflow``), and so is every other fold of
+    its norms (a norm that folds into two layers, after a torch.cat or called
+    after each, goes only if both folds do); any other fault raises.
     ``index``: the model's :class:`ModuleIndex`, if the caller has one.
     ``deferred``: where ``model`` is a :class:`DeferredCopy`'s copy; then each
     fold reads its layer's original weight and writes the copy's.
 
-    ``apply``: writes each fold's weight and bias as soon as it is checked, for
-    a model that is fuse()'s own copy: a fault later discards the copy, so
+    ``apply``: writes a fold's weight and bias as soon as it is checked, for a
+    model that is fuse()'s own copy: a fault later discards the copy, so
     nothing needs the all-or-nothing order there, and each fold's per-channel
-    arrays are freed before the next is computed (write() still installs the
-    biases and replaces the norms)."""
+    arrays are freed before the next is computed. What a fold writes there is
+    a Parameter of the copy's own (``copy.deepcopy`` clones each Parameter on
+    its own storage, and a tied one is untied), so no other fold reads it. A
+    fold whose norm has another fold waits for the write (write() still
+    installs the biases and replaces the norms)."""
     get = index.get if index is not None else model.get_submodule
     out = Preparation()
+    folds_of: Dict[str, int] = {}
+    for fold in folds:
+        for n in fold.norms():
+            folds_of[n] = folds_of.get(n, 0) + 1
+    overflowed: Dict[str, str] = {}  # norm -> the layer whose fold overflowed
     for fold in folds:
         try:
-            out.folds.append(_prepare_one(get, fold, deferred))
-            if apply:
-                out.folds[-1].handle.apply()
+            p = _prepare_one(get, fold, deferred)
         except _C.FoldError as exc:
             if exc.code != "overflow":
                 raise _fold_error(exc, fold) from None
             dtype = get(fold.layer).weight.dtype
             out.overflow += [Left(n, "overflow", f"folding it into {fold.layer} gives a "
                                   f"value that does not fit {dtype} ({exc})")
-                             for n in fold.norms()]
+                             for n in fold.norms() if n not in overflowed]
+            overflowed.update((n, fold.layer) for n in fold.norms())
+            continue
+        out.folds.append(p)
+        if apply and all(folds_of[n] == 1 for n in fold.norms()):
+            p.handle.apply()
+    while overflowed:  # the other folds of an overflowing fold's norms, and theirs
+        kept, more = [], {}
+        for p in out.folds:
+            hit = next((n for n in p.fold.norms() if n in overflowed), None)
+            if hit is None:
+                kept.append(p)
+                continue
+            if p.fills is not None:  # its placeholder is filled with the original
+                deferred.written.discard(p.fills)
+            for n in p.fold.norms():
+                if n not in overflowed and n not in more:
+                    more[n] = p.fold.layer
+                    out.overflow.append(Left(n, "overflow", (
+                        f"it folds into {p.fold.layer} together with {hit}, and folding "
+                        f"{hit} into {overflowed[hit]} gives a value that does not fit "
+                        f"{get(overflowed[hit]).weight.dtype}")))
+        out.folds = kept
+        overflowed.update(more)
+        if not more:
+            break
     return out
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conftest import _bits, assert_unchanged, snapshot
-from fusion import FusionError, NormParams, fuse, rewrite
+from fusion import FusionError, NormParams, analyze, fuse, rewrite
 from fusion import verify as fusion_verify
 from fusion._native import _C
 from zoo import calibrate
@@ -201,6 +201,85 @@ def test_overflow_in_third_pair_leaves_it_and_folds_the_rest(inplace, monkeypatc
     with torch.no_grad():
         got = fused(x)
     assert float((got - want).norm() / want.norm()) <= 1e-5
+
+
+class CatNorm(nn.Module):
+    """One norm after a torch.cat of two convs: two folds, one per slice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.conv1(x), self.conv2(x)], 1))
+
+
+class SharedNorm(nn.Module):
+    """One norm module called after each of two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv2(torch.relu(self.bn(self.conv1(x)))))
+
+
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("build", [CatNorm, SharedNorm])
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_overflow_in_one_fold_of_a_norm_leaves_the_norm(build, fail_on, inplace,
+                                                        monkeypatch):
+    """A norm that folds into two layers stays, and neither layer is written, when
+    either fold would overflow: folding the other alone and removing the norm
+    would drop the norm from the overflowing layer's output."""
+    torch.manual_seed(0)
+    model = calibrate(build(), shape=(2, 3, 8, 8)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    snap = snapshot(model)
+    assert len(analyze(model).fused) == 2
+    spy = Spy(fail_on=fail_on, error=fold_error("overflow", "layer", "weight", 0, 1e300))
+    monkeypatch.setattr(rewrite, "_C", spy.module)
+    fused, report = fuse(model, inplace=inplace, return_report=True)
+    assert [(n.norm, n.reason) for n in report.left] == [("bn", "overflow")]
+    assert report.fused == [] and "apply" not in spy.events
+    assert isinstance(fused.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        got = fused(x)
+    assert torch.equal(got, want)
+    if not inplace:
+        assert_unchanged(model, snap)
+
+
+def test_a_norm_buffer_on_a_layers_storage_folds_alike_in_both_modes():
+    """bn2.running_mean lies on conv1.bias's storage, so writing conv1's fold
+    first could change what bn2's fold reads; in place every fold is computed
+    before the first write, and a copy, whose folds are written as they are
+    checked, has conv1.bias on a storage of its own: both give the unfused
+    model's outputs, bit for bit alike."""
+    torch.manual_seed(0)
+    model = calibrate(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                                    nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)),
+                      shape=(2, 3, 8, 8)).eval()
+    with torch.no_grad():
+        model[0].bias.copy_(model[3].running_mean)
+    model[3].running_mean = model[0].bias.data  # a buffer on the bias's storage
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = model(x)
+    copied, report = fuse(model, return_report=True)
+    assert len(report.fused) == 2
+    in_place = fuse(model, inplace=True)
+    with torch.no_grad():
+        got_copy, got_in_place = copied(x), in_place(x)
+    assert torch.equal(got_copy, got_in_place)
+    assert float((got_copy - want).norm() / want.norm()) <= 1e-5
 
 
 def test_every_check_runs_before_the_first_write(monkeypatch):
