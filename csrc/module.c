@@ -329,7 +329,10 @@ fold_release(FoldObject *self)
 static PyObject *
 Fold_apply(FoldObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (!self->applied && fold_unchanged(self)) {
+    /* (A Fold whose references were cleared by the collector writes nothing.)
+     */
+    if (!self->applied && self->refs[REF_WEIGHT] != NULL &&
+        fold_unchanged(self)) {
         self->applied = 1;
         if (self->numel >= FUSION_NOGIL_NUMEL) {
             Py_BEGIN_ALLOW_THREADS fusion_fold_apply(&self->fold,
