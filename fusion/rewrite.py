@@ -339,7 +339,7 @@ def prepare(model, folds: List[Fold], index: Optional[ModuleIndex] = None,
     for fold in folds:
         for n in fold.norms():
             folds_of[n] = folds_of.get(n, 0) + 1
-    overflowed: Dict[str, str] = {}  # norm -> the layer whose fold overflowed
+    overflowed: Dict[str, str] = {}  # norm left -> the layer whose fold overflowed
     for fold in folds:
         try:
             p = _prepare_one(get, fold, deferred)
@@ -366,11 +366,11 @@ def prepare(model, folds: List[Fold], index: Optional[ModuleIndex] = None,
                 deferred.written.discard(p.fills)
             for n in p.fold.norms():
                 if n not in overflowed and n not in more:
-                    more[n] = p.fold.layer
+                    more[n] = overflowed[hit]
                     out.overflow.append(Left(n, "overflow", (
-                        f"it folds into {p.fold.layer} together with {hit}, and folding "
-                        f"{hit} into {overflowed[hit]} gives a value that does not fit "
-                        f"{get(overflowed[hit]).weight.dtype}")))
+                        f"it folds into {p.fold.layer} together with {hit}, which is left "
+                        f"because a fold into {overflowed[hit]} gives a value that does "
+                        f"not fit {get(overflowed[hit]).weight.dtype}")))
         out.folds = kept
         overflowed.update(more)
         if not more:
